@@ -1,0 +1,149 @@
+"""Apply a plan to a transformers model, and take it off again.
+
+``apply_plan(model, plan)`` validates the plan against the model, registers kvplan's attention function, switches
+the model to it, and adds one forward pre-hook (and one post-hook) on the model's decoder. The pre-hook makes sure
+the forward has a cache (creating transformers' ``DynamicCache`` when ``use_cache`` is on and none was given),
+swaps that cache's layers for the plan's layer kinds while it is still empty, and passes it to the attention
+function as the ``kvplan_cache`` keyword. After that, plain ``model.generate(...)`` uses the plan.
+``remove_plan(model)`` (or leaving the ``with`` block) restores the previous attention implementation and removes
+the hooks. Nothing of transformers is patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from . import attention
+from .cache import install_plan_layers, pyramid_params
+from .plan import Plan, PlanError, load_plan
+from .pyramidinfer import BudgetedLayer
+
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@dataclass
+class AppliedPlan:
+    """Handle of a plan applied to a model; also a context manager that removes it on exit."""
+
+    model: torch.nn.Module
+    plan: Plan
+    previous_attn_implementation: str | None
+    _handles: list = field(default_factory=list, repr=False)
+    active: bool = True
+
+    def remove(self) -> None:
+        """Undo :func:`apply_plan`: hooks removed, previous attention implementation restored."""
+        if not self.active:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.previous_attn_implementation is not None:
+            self.model.set_attn_implementation(self.previous_attn_implementation)
+        self.active = False
+
+    def __enter__(self) -> AppliedPlan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class _CacheHook:
+    """Decoder forward pre-hook: give the forward a plan cache and hand it to the attention function."""
+
+    def __init__(self, applied: AppliedPlan, model: torch.nn.Module):
+        self.applied = applied
+        self.layer_params = pyramid_params(applied.plan, model.config)
+        self.config = model.config
+
+    def __call__(self, module, args, kwargs):
+        name = next((k for k in _CACHE_KWARGS if k in kwargs), _CACHE_KWARGS[0])
+        cache = kwargs.get(name)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", True)
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.config)
+            kwargs[name] = cache
+        if isinstance(cache, Cache) and install_plan_layers(cache, self.layer_params):
+            kwargs[attention.CACHE_KWARG] = cache
+        return args, kwargs
+
+
+def _check_compressed(module, args, kwargs, output) -> None:
+    """Decoder forward post-hook: a budgeted layer that was filled but never compressed means the attention
+    function never saw the cache (an architecture that does not forward keyword arguments to attention)."""
+    cache = kwargs.get(attention.CACHE_KWARG)
+    if cache is None:
+        return
+    for idx, layer in enumerate(cache.layers):
+        if isinstance(layer, BudgetedLayer) and layer.seen > 0 and not layer.compressed:
+            raise RuntimeError(
+                f"kvplan: layer {idx} cached tokens without going through kvplan's attention function; this "
+                f"architecture ({type(module).__name__}) does not pass keyword arguments down to attention, so the "
+                "plan cannot be applied to it. Please report it with the model id."
+            )
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    getter = getattr(model, "get_decoder", None)
+    decoder = getter() if callable(getter) else None
+    if decoder is None or not hasattr(decoder, "layers"):
+        decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers"):
+        raise PlanError(f"kvplan cannot find the decoder layers of {type(model).__name__}")
+    return decoder
+
+
+def _unsupported(config) -> str | None:
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "attention logit soft-capping (Gemma 2)"
+    return None
+
+
+def find_applied(model: torch.nn.Module) -> AppliedPlan | None:
+    """The :class:`AppliedPlan` currently on ``model``, found through the decoder's own hook table."""
+    for hook in _decoder(model)._forward_pre_hooks.values():
+        if isinstance(hook, _CacheHook) and hook.applied.active:
+            return hook.applied
+    return None
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
+    """Apply ``plan`` (a :class:`Plan`, a file path or a Hub repo id) to ``model``; returns a removable handle.
+
+    Raises :class:`PlanError` if the plan was made for another architecture or shape, or if a plan is already
+    applied to this model.
+    """
+    if not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    plan.validate(model)
+    if find_applied(model) is not None:
+        raise PlanError("a plan is already applied to this model; call runtime.remove_plan(model) first")
+    reason = _unsupported(model.config) if not plan.is_noop else None
+    if reason is not None:
+        raise PlanError(f"kvplan's runtime does not support {reason} yet")
+    previous = getattr(model.config, "_attn_implementation", None)
+    name = attention.register()
+    model.set_attn_implementation(name)
+    applied = AppliedPlan(model=model, plan=plan, previous_attn_implementation=previous)
+    decoder = _decoder(model)
+    applied._handles.append(
+        decoder.register_forward_pre_hook(_CacheHook(applied, model), with_kwargs=True, prepend=True)
+    )
+    applied._handles.append(decoder.register_forward_hook(_check_compressed, with_kwargs=True))
+    return applied
+
+
+def remove_plan(model: torch.nn.Module) -> bool:
+    """Remove the plan applied to ``model``; returns False if none was applied."""
+    applied = find_applied(model)
+    if applied is None:
+        return False
+    applied.remove()
+    return True
