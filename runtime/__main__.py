@@ -1,0 +1,212 @@
+"""``python -m runtime generate``: generate with a plan and print what it saved.
+
+    python -m runtime generate --plan plan.safetensors            # model taken from the plan's recipe
+    python -m runtime generate smollm2-135m --plan plan.safetensors --prompt-file doc.txt
+
+Runs the same greedy generation twice — full cache, then the plan — and prints the plan's output, the KV bytes
+the plan's cache physically holds vs the plan's theoretical bytes vs a stock cache, fidelity to the full cache
+(top-1 agreement and KL along the full cache's own continuation, greedy agreement) and decode speed.
+Exit codes: 0 success, 1 failure, 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_QUESTION = "Which of the tasks above is about {topic}? Answer with its number and one sentence."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime", description="Apply a kvplan plan inside generate.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate with and without a plan; print memory, fidelity and speed")
+    g.add_argument("model", nargs="?", help="alias, HF repo id, model dir or .gguf (default: the plan's recipe)")
+    g.add_argument("--plan", required=True, help="plan file or Hub repo id")
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    g.add_argument(
+        "--context", type=int, default=2000,
+        help="length in tokens of the built-in long prompt (used when no prompt is given; default 2000)",
+    )
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--json", type=Path, help="also write the numbers as JSON here")
+    g.add_argument("-q", "--quiet", action="store_true", help="only the report, no progress output")
+    return p
+
+
+def _builtin_prompt(tokenizer, context: int) -> str:
+    """A long chat prompt from the shipped self-instruct tasks, ending with a question about one of them."""
+    from calibrate.data import load_documents
+    from calibrate.recipe import Recipe
+
+    documents, _ = load_documents(Recipe(alias=None, model="-"))
+    lines, used = [], 0
+    for i, doc in enumerate(documents):
+        text = " ".join(m["content"] for m in doc.messages) if getattr(doc, "messages", None) else doc.text
+        line = f"{i + 1}. {' '.join(text.split())}"
+        used += len(tokenizer(line, add_special_tokens=False).input_ids) + 1
+        if used > context - 60:
+            break
+        lines.append(line)
+    pick = lines[len(lines) // 3]
+    topic = " ".join(pick.split(" ", 1)[1].split()[:6])
+    body = "Here is a numbered list of tasks.\n\n" + "\n".join(lines) + "\n\n" + DEFAULT_QUESTION.format(topic=topic)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True)
+    return body
+
+
+def _decode_loop(model, ids, steps, cache):
+    """Greedy decoding with a given cache; returns (tokens [B, steps], logits list, prefill s, decode s)."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        logits = [out.logits[:, -1].float()]
+        tokens = [logits[-1].argmax(-1)]
+        start = time.perf_counter()
+        for _ in range(steps - 1):
+            out = model(tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+            tokens.append(logits[-1].argmax(-1))
+        decode = time.perf_counter() - start
+    return torch.stack(tokens, 1), logits, prefill, decode
+
+
+def _forced_logits(model, ids, forced, cache):
+    """Logits of every step while feeding ``forced`` tokens (the full cache's continuation) through ``cache``."""
+    with torch.inference_mode():
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = [out.logits[:, -1].float()]
+        for t in range(forced.shape[1] - 1):
+            out = model(forced[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+    return logits
+
+
+def run_generate(args) -> dict:
+    from transformers import DynamicCache
+
+    from calibrate.models import load_model
+    from calibrate.recipe import resolve_recipe
+
+    import runtime
+
+    plan = runtime.load_plan(args.plan)
+    model_ref = args.model or plan.recipe.get("alias") or plan.recipe.get("model")
+    if not model_ref:
+        raise ValueError("the plan does not name its model; pass the model on the command line")
+    recipe = resolve_recipe(model_ref)
+    loaded = load_model(recipe, progress=not args.quiet)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    plan.validate(model)
+    if args.prompt_file:
+        prompt = args.prompt_file.read_text(encoding="utf-8")
+    elif args.prompt:
+        prompt = args.prompt
+    else:
+        prompt = _builtin_prompt(tokenizer, args.context)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+    ids = ids.to(next(model.parameters()).device)
+    steps = args.max_new_tokens
+    dtype = next(model.parameters()).dtype
+
+    full_tokens, full_logits, full_prefill, full_decode = _decode_loop(model, ids, steps, DynamicCache(config=model.config))
+    stock_cache_bytes = runtime.stock_bytes(model.config, ids.shape[1] + steps - 1, 1, dtype)
+    with runtime.apply_plan(model, plan):
+        cache = DynamicCache(config=model.config)
+        plan_tokens, _, plan_prefill, plan_decode = _decode_loop(model, ids, steps, cache)
+        physical = runtime.physical_bytes(cache)
+        forced = _forced_logits(model, ids, full_tokens, DynamicCache(config=model.config))
+    seen = ids.shape[1] + steps - 1
+    theoretical = runtime.theoretical_bytes(plan, model.config, seen, 1, dtype)
+    agree = [int(f.argmax(-1).item() == p.argmax(-1).item()) for f, p in zip(full_logits, forced)]
+    kl = [
+        float(torch.sum(torch.softmax(f, -1) * (torch.log_softmax(f, -1) - torch.log_softmax(p, -1))))
+        for f, p in zip(full_logits, forced)
+    ]
+    same = (full_tokens == plan_tokens)[0].tolist()
+    first_div = same.index(False) if False in same else len(same)
+    return {
+        "model": loaded.name_or_path,
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": steps,
+        "plan_methods": list(plan.methods),
+        "plan_target_ratio": plan.target_ratio,
+        "plan_output": tokenizer.decode(plan_tokens[0], skip_special_tokens=True),
+        "full_output": tokenizer.decode(full_tokens[0], skip_special_tokens=True),
+        "kv_bytes": {"physical": physical, "theoretical": theoretical, "stock": stock_cache_bytes},
+        "kv_ratio": {"physical_over_theoretical": physical / theoretical, "physical_over_stock": physical / stock_cache_bytes},
+        "kept_per_layer": runtime.kept_lengths(cache),
+        "fidelity": {
+            "top1_agreement": sum(agree) / len(agree),
+            "mean_kl_nats": sum(kl) / len(kl),
+            "greedy_matching_fraction": sum(same) / len(same),
+            "greedy_first_divergence": first_div,
+        },
+        "speed": {
+            "stock_decode_tok_s": (steps - 1) / full_decode if steps > 1 else math.nan,
+            "plan_decode_tok_s": (steps - 1) / plan_decode if steps > 1 else math.nan,
+            "decode_ratio": full_decode / plan_decode if steps > 1 else math.nan,
+            "stock_prefill_s": full_prefill,
+            "plan_prefill_s": plan_prefill,
+        },
+    }
+
+
+def _print_report(r: dict) -> None:
+    kv, ratio, fid, sp = r["kv_bytes"], r["kv_ratio"], r["fidelity"], r["speed"]
+    mib = 1024 * 1024
+    print(f"model: {r['model']}   prompt: {r['prompt_tokens']} tokens   generated: {r['new_tokens']} tokens")
+    print(f"plan: {', '.join(r['plan_methods']) or 'none'} (target ratio {r['plan_target_ratio']})")
+    print(f"\nplan output: {r['plan_output']!r}")
+    print(f"full output: {r['full_output']!r}\n")
+    print("| measure | value |\n|---|---|")
+    print(f"| KV bytes physical (plan cache) | {kv['physical'] / mib:.2f} MiB |")
+    print(f"| KV bytes theoretical (plan) | {kv['theoretical'] / mib:.2f} MiB |")
+    print(f"| KV bytes stock DynamicCache | {kv['stock'] / mib:.2f} MiB |")
+    print(f"| physical / theoretical | {ratio['physical_over_theoretical']:.3f} |")
+    print(f"| physical / stock | {ratio['physical_over_stock']:.3f} |")
+    print(f"| top-1 agreement along the full cache's continuation | {fid['top1_agreement']:.3f} |")
+    print(f"| mean KL(full ‖ plan), nats | {fid['mean_kl_nats']:.4f} |")
+    print(f"| greedy tokens equal to full cache | {fid['greedy_matching_fraction']:.3f} (first divergence at {fid['greedy_first_divergence']}) |")
+    print(f"| decode tok/s stock → plan (batch 1) | {sp['stock_decode_tok_s']:.1f} → {sp['plan_decode_tok_s']:.1f} ({sp['decode_ratio']:.2f}×) |")
+    print(f"| prefill s stock → plan | {sp['stock_prefill_s']:.2f} → {sp['plan_prefill_s']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from runtime.plan import PlanError
+
+    if args.prompt and args.prompt_file:
+        print("error: give --prompt or --prompt-file, not both", file=sys.stderr)
+        return EXIT_USAGE
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = run_generate(args)
+    except (PlanError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
