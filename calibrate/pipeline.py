@@ -62,7 +62,6 @@ def calibrate(recipe: Recipe, *, progress: bool = True) -> CalibrationResult:
     loaded = load_model(recipe, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
     result = calibrate_model(model, tokenizer, recipe, methods=methods, progress=progress)
-    result.plan.fingerprint["name_or_path"] = loaded.name_or_path or result.plan.fingerprint.get("name_or_path", "")
     if loaded.revision:
         result.plan.fingerprint["revision"] = loaded.revision
     result.load_seconds = loaded.load_seconds
