@@ -61,6 +61,7 @@ class _CacheHook:
         self.config = model.config
 
     def __call__(self, module, args, kwargs):
+        _refuse_empty_input(args, kwargs)
         name = next((k for k in _CACHE_KWARGS if k in kwargs), _CACHE_KWARGS[0])
         cache = kwargs.get(name)
         use_cache = kwargs.get("use_cache")
@@ -72,6 +73,18 @@ class _CacheHook:
         if isinstance(cache, Cache) and install_plan_layers(cache, self.layer_params):
             kwargs[attention.CACHE_KWARG] = cache
         return args, kwargs
+
+
+def _refuse_empty_input(args, kwargs) -> None:
+    """A forward over zero tokens has nothing to attend to; say so instead of failing deep inside a reshape."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 and tokens.shape[1] == 0:
+        raise ValueError(
+            "kvplan: the input has 0 tokens; a causal LM needs at least one token to start from "
+            "(tokenize with add_special_tokens=True to get the BOS token, or apply the chat template)"
+        )
 
 
 def _check_compressed(module, args, kwargs, output) -> None:

@@ -117,6 +117,12 @@ def test_short_and_bos_only_prompts_match_stock_while_nothing_is_evicted(llama):
         assert torch.equal(stock, out)
 
 
+def test_zero_token_prompt_gets_a_clear_error(llama):
+    with runtime.apply_plan(llama, pyramid_plan(llama, 0.5)):
+        with pytest.raises(ValueError, match="0 tokens"):
+            llama.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+
+
 def test_direct_forward_with_use_cache_gets_a_plan_cache(llama):
     plan = pyramid_plan(llama, 0.25)
     with runtime.apply_plan(llama, plan):
