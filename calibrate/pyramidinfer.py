@@ -37,20 +37,29 @@ class PyramidSettings:
     window: int = 32
     sink: int = 4
     horizon: int = 64
+    pool: int = 1
+    head_reduce: str = "mean"
 
     @classmethod
     def from_args(cls, args: dict) -> PyramidSettings:
-        known = {"window", "sink", "horizon"}
+        known = {"window", "sink", "horizon", "pool", "head_reduce"}
         unknown = set(args) - known
         if unknown:
             raise ValueError(f"unknown pyramidinfer option(s) {sorted(unknown)}; known: {sorted(known)}")
-        settings = cls(**{k: int(v) for k, v in args.items()})
-        if settings.window < 1 or settings.sink < 0 or settings.horizon < 1:
-            raise ValueError("pyramidinfer needs window >= 1, sink >= 0 and horizon >= 1")
+        settings = cls(**{k: (str(v) if k == "head_reduce" else int(v)) for k, v in args.items()})
+        if settings.window < 1 or settings.sink < 0 or settings.horizon < 1 or settings.pool < 1:
+            raise ValueError("pyramidinfer needs window >= 1, sink >= 0, horizon >= 1 and pool >= 1")
+        if settings.head_reduce not in ("mean", "max"):
+            raise ValueError("pyramidinfer head_reduce must be 'mean' or 'max'")
         return settings
 
     def runtime_params(self) -> dict:
-        return {"window": self.window, "sink": self.sink}
+        params = {"window": self.window, "sink": self.sink}
+        if self.pool != 1:
+            params["pool"] = self.pool
+        if self.head_reduce != "mean":
+            params["head_reduce"] = self.head_reduce
+        return params
 
 
 @dataclass
@@ -93,7 +102,7 @@ class CapturedMassObserver:
         s = self.settings
         ctx_keys = key[:, :, :t]
         valid = torch.ones(1, t, dtype=torch.bool, device=key.device)
-        select = window_scores(query[:, :, :t], ctx_keys, valid, scaling, s.window)[0]  # [t]
+        select = window_scores(query[:, :, :t], ctx_keys, valid, scaling, s.window, s.pool, s.head_reduce)[0]
         protected = torch.zeros(t, dtype=torch.bool, device=key.device)
         protected[: s.sink] = True
         protected[t - s.window :] = True

@@ -53,6 +53,8 @@ def pyramid_params(plan: Plan, config) -> list[PyramidParams | None]:
                     window=int(args.get("window", 32)),
                     sink=int(args.get("sink", 4)),
                     slack=args.get("slack"),
+                    pool=int(args.get("pool", 1)),
+                    head_reduce=str(args.get("head_reduce", "mean")),
                 )
             )
     return out

@@ -169,10 +169,11 @@ _SHAPE_SYMBOLS = {"L": "num_hidden_layers", "H_kv": "num_key_value_heads"}
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """An integer parameter a method reads at runtime."""
+    """A parameter a method reads at runtime: an integer ``>= minimum``, or one of ``choices`` (strings)."""
 
     required: bool
-    minimum: int
+    minimum: int = 0
+    choices: tuple[str, ...] | None = None
 
 
 PARAM_SPECS: dict[str, dict[str, ParamSpec]] = {
@@ -180,6 +181,8 @@ PARAM_SPECS: dict[str, dict[str, ParamSpec]] = {
         "window": ParamSpec(required=True, minimum=1),
         "sink": ParamSpec(required=True, minimum=0),
         "slack": ParamSpec(required=False, minimum=0),
+        "pool": ParamSpec(required=False, minimum=1),
+        "head_reduce": ParamSpec(required=False, choices=("mean", "max")),
     },
 }
 
@@ -402,6 +405,10 @@ def _check_method_params(method: str, values: dict[str, Any]) -> None:
                 raise PlanError(f"params.{method}.{name} is required (an integer >= {spec.minimum})")
             continue
         value = values[name]
+        if spec.choices is not None:
+            if value not in spec.choices:
+                raise PlanError(f"params.{method}.{name} must be one of {list(spec.choices)}, got {value!r}")
+            continue
         if not _is_int(value) or not spec.minimum <= value <= MAX_INT:
             raise PlanError(f"params.{method}.{name} must be an integer >= {spec.minimum}, got {value!r}")
 

@@ -34,12 +34,17 @@ class PyramidParams:
         sink: first (non-padding) tokens always kept.
         slack: tokens the layer may hold above its budget before it compacts while decoding
             (``None``: ``max(4, budget // 64)``).
+        pool: width of the average pooling applied to the prefill scores along the sequence (1 = none), so that
+            neighbours of a strongly attended token are kept with it.
+        head_reduce: how the query heads' attention is combined into one score per token (``mean`` or ``max``).
     """
 
     keep: float
     window: int = 32
     sink: int = 4
     slack: int | None = None
+    pool: int = 1
+    head_reduce: str = "mean"
 
     def budget(self, seen: torch.Tensor) -> torch.Tensor:
         """Tokens to keep for rows that have seen ``seen`` real tokens (int64 ``[B]``)."""
@@ -52,7 +57,13 @@ class PyramidParams:
 
 
 def window_scores(
-    query: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor, scaling: float, window: int
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_valid: torch.Tensor,
+    scaling: float,
+    window: int,
+    pool: int = 1,
+    head_reduce: str = "mean",
 ) -> torch.Tensor:
     """Mean attention probability that the last ``window`` real queries give each key.
 
@@ -62,10 +73,13 @@ def window_scores(
         key_valid: bool ``[B, T]``, False for padding.
         scaling: softmax scale of the layer.
         window: number of last queries that vote.
+        pool: average-pooling width along the sequence applied to the result (1 = none; padding counts as 0,
+            so a row of a padded batch scores exactly as it does alone).
+        head_reduce: ``mean`` or ``max`` over query heads.
 
     Returns:
-        float32 ``[B, T]``: mean over query heads and over the real window queries of their attention
-        probabilities (causal within the window; padding gets 0).
+        float32 ``[B, T]``: over the real window queries, the mean of their attention probabilities reduced over
+        query heads (causal within the window; padding gets 0).
     """
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv = keys.shape[1]
@@ -80,14 +94,32 @@ def window_scores(
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # [B, w, T]
     logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows of padding queries are all -inf
-    per_query = probs.mean(dim=(1, 2))  # [B, w, T]
+    per_query = reduce_heads(probs, head_reduce)  # [B, w, T]
     real_q = key_valid[:, -w:]  # a window query is real when its own token is
     n_real = real_q.sum(dim=1, keepdim=True).clamp(min=1)
-    return (per_query * real_q[:, :, None]).sum(dim=1) / n_real
+    scores = (per_query * real_q[:, :, None]).sum(dim=1) / n_real
+    if pool > 1:
+        scores = torch.nn.functional.avg_pool1d(scores[:, None], pool, stride=1, padding=pool // 2)[:, 0, :total]
+        scores = scores * key_valid
+    return scores
+
+
+def reduce_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
+    """``[B, H_kv, G, Q, T]`` probabilities → ``[B, Q, T]`` by ``mean`` or ``max`` over the query heads."""
+    if how == "max":
+        return probs.amax(dim=(1, 2))
+    if how == "mean":
+        return probs.mean(dim=(1, 2))
+    raise ValueError(f"head_reduce must be 'mean' or 'max', not {how!r}")
 
 
 def attend(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
+    head_reduce: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain attention over what a layer holds, returning the output and the head-mean probabilities.
 
@@ -97,7 +129,7 @@ def attend(
 
     Returns:
         output ``[B, Q, H_q, d]`` (the layout transformers' attention functions return) and float32 ``[B, Q, T]``
-        probabilities averaged over query heads.
+        probabilities reduced over query heads (``head_reduce``).
     """
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv, total = keys.shape[1], keys.shape[2]
@@ -108,7 +140,7 @@ def attend(
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs.view(bsz, n_kv, groups * q_len, total).to(values.dtype), values)
     out = out.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
-    return out, probs.mean(dim=(1, 2))
+    return out, reduce_heads(probs, head_reduce)
 
 
 class BudgetedLayer(DynamicLayer):
@@ -218,7 +250,7 @@ class BudgetedLayer(DynamicLayer):
         if not self.compressed:
             return self._prefill(query, full_mask, scaling, prefill_fn)
         allowed = self._allowed(full_mask, q_len)
-        out, probs = attend(query, self.keys, self.values, allowed, scaling)
+        out, probs = attend(query, self.keys, self.values, allowed, scaling, self.params.head_reduce)
         self._fold_scores(probs, allowed)
         self._count_new_tokens(full_mask, q_len)
         self._maybe_compact()
@@ -228,7 +260,8 @@ class BudgetedLayer(DynamicLayer):
         bsz, total = query.shape[0], self.keys.shape[2]
         out = prefill_fn(self.keys, self.values)
         valid = _key_valid_from_mask(full_mask, bsz, total, query.device)
-        scores = window_scores(query, self.keys, valid, scaling, self.params.window)
+        p = self.params
+        scores = window_scores(query, self.keys, valid, scaling, p.window, p.pool, p.head_reduce)
         scores = scores.masked_fill(~valid, NEG_INF)
         rank = valid.long().cumsum(dim=1)  # 1-based rank of each real token in its row
         scores = scores.masked_fill(valid & (rank <= self.params.sink), POS_INF)

@@ -7,13 +7,13 @@ import torch
 from runtime.plan import Plan, fingerprint_from_model
 
 
-def pyramid_plan(model, keep, window: int = 8, sink: int = 2) -> Plan:
+def pyramid_plan(model, keep, window: int = 8, sink: int = 2, **extra) -> Plan:
     layers = model.config.num_hidden_layers
     keep = torch.as_tensor(keep, dtype=torch.float32).expand(layers).clone()
     return Plan(
         fingerprint=fingerprint_from_model(model),
         methods=("pyramidinfer",),
-        params={"pyramidinfer": {"window": window, "sink": sink}},
+        params={"pyramidinfer": {"window": window, "sink": sink, **extra}},
         tensors={"pyramidinfer.layer_keep": keep},
         target_ratio=float(keep.mean()),
     )

@@ -56,6 +56,26 @@ def test_left_padded_batch_rows_equal_solo_runs(arch, compress):
         assert torch.equal(batch[row, ids.shape[1] :], solo[0, prompts[row].shape[1] :]), f"row {row} differs"
 
 
+@pytest.mark.parametrize("extra", [{"pool": 5}, {"head_reduce": "max"}, {"pool": 3, "head_reduce": "max"}])
+def test_scoring_options_keep_batch_rows_equal_to_solo_runs(extra):
+    model = tiny_model("qwen2")
+    plan = pyramid_plan(model, [1.0, 0.5, 0.4, 0.3], **extra)
+    prompts = [_prompt(45, 4), _prompt(26, 5)]
+    ids, mask = _left_padded(prompts)
+    with runtime.apply_plan(model, plan):
+        batch = greedy(model, ids, 24, attention_mask=mask)
+        solos = [greedy(model, p, 24) for p in prompts]
+    for row, solo in enumerate(solos):
+        assert torch.equal(batch[row, ids.shape[1] :], solo[0, prompts[row].shape[1] :]), f"row {row} differs"
+
+
+def test_bad_scoring_options_are_refused_at_load(tmp_path, llama):
+    for bad in ({"pool": 0}, {"head_reduce": "median"}, {"pool": "3"}):
+        plan = pyramid_plan(llama, 0.5, **bad)
+        with pytest.raises(PlanError):
+            plan.save(tmp_path / "bad.safetensors")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_pyramid_plan_physically_frees_memory(arch):
     model = tiny_model(arch)
