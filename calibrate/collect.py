@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from runtime.attention import register_attention
 
 COLLECT_NAME = "kvplan-collect"
 OBSERVER_KWARG = "kvplan_observers"
@@ -47,14 +47,6 @@ def _collect_attention(module, query, key, value, attention_mask, dropout=0.0, s
     )
 
 
-def _register() -> None:
-    if AttentionInterface._global_mapping.get(COLLECT_NAME) is not _collect_attention:
-        AttentionInterface.register(COLLECT_NAME, _collect_attention)
-    sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-    if AttentionMaskInterface._global_mapping.get(COLLECT_NAME) is not sdpa_mask:
-        AttentionMaskInterface.register(COLLECT_NAME, sdpa_mask)
-
-
 def run_calibration_pass(
     model: torch.nn.Module,
     samples: Sequence[torch.Tensor],
@@ -66,7 +58,7 @@ def run_calibration_pass(
 
     The model's attention implementation is switched to the collector for the pass and restored afterwards.
     """
-    _register()
+    register_attention(COLLECT_NAME, _collect_attention)
     previous = model.config._attn_implementation
     device = next(model.parameters()).device
     start = time.perf_counter()

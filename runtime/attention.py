@@ -74,11 +74,16 @@ def _plan_layer(cache, layer_idx: int | None) -> BudgetedLayer | None:
     return layer if isinstance(layer, BudgetedLayer) else None
 
 
-def register() -> str:
-    """Register the attention and mask functions under :data:`ATTN_NAME` (idempotent); returns the name."""
-    if AttentionInterface._global_mapping.get(ATTN_NAME) is not kvplan_attention:
-        AttentionInterface.register(ATTN_NAME, kvplan_attention)
+def register_attention(name: str, function) -> str:
+    """Register ``function`` with transformers under ``name``, with SDPA's mask builder (idempotent)."""
+    if AttentionInterface._global_mapping.get(name) is not function:
+        AttentionInterface.register(name, function)
     sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-    if AttentionMaskInterface._global_mapping.get(ATTN_NAME) is not sdpa_mask:
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    return ATTN_NAME
+    if AttentionMaskInterface._global_mapping.get(name) is not sdpa_mask:
+        AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def register() -> str:
+    """Register kvplan's attention function under :data:`ATTN_NAME`; returns the name."""
+    return register_attention(ATTN_NAME, kvplan_attention)

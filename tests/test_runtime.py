@@ -30,6 +30,11 @@ def _left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask
 
 
+def _assert_rows_equal_solo(batch, width, prompts, solos):
+    for row, solo in enumerate(solos):
+        assert torch.equal(batch[row, width:], solo[0, prompts[row].shape[1] :]), f"row {row} differs from its solo run"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_noop_plan_is_token_identical_to_stock(arch):
     model = tiny_model(arch)
@@ -52,8 +57,7 @@ def test_left_padded_batch_rows_equal_solo_runs(arch, compress):
     with runtime.apply_plan(model, plan):
         batch = greedy(model, ids, 30, attention_mask=mask)
         solos = [greedy(model, p, 30) for p in prompts]
-    for row, solo in enumerate(solos):
-        assert torch.equal(batch[row, ids.shape[1] :], solo[0, prompts[row].shape[1] :]), f"row {row} differs"
+    _assert_rows_equal_solo(batch, ids.shape[1], prompts, solos)
 
 
 @pytest.mark.parametrize("extra", [{"pool": 5}, {"head_reduce": "max"}, {"pool": 3, "head_reduce": "max"}])
@@ -65,8 +69,7 @@ def test_scoring_options_keep_batch_rows_equal_to_solo_runs(extra):
     with runtime.apply_plan(model, plan):
         batch = greedy(model, ids, 24, attention_mask=mask)
         solos = [greedy(model, p, 24) for p in prompts]
-    for row, solo in enumerate(solos):
-        assert torch.equal(batch[row, ids.shape[1] :], solo[0, prompts[row].shape[1] :]), f"row {row} differs"
+    _assert_rows_equal_solo(batch, ids.shape[1], prompts, solos)
 
 
 def test_bad_scoring_options_are_refused_at_load(tmp_path, llama):
