@@ -186,3 +186,16 @@ def test_plan_loaded_from_file_applies(tmp_path, llama):
     with runtime.apply_plan(llama, str(path)) as applied:
         assert applied.plan.methods == ("pyramidinfer",)
         assert greedy(llama, _prompt(16), 4).shape == stock.shape
+
+
+def test_bfloat16_model_runs_and_accounts_its_bytes():
+    model = tiny_model("llama").to(torch.bfloat16)
+    plan = pyramid_plan(model, 0.3)
+    cache = transformers.DynamicCache(config=model.config)
+    with runtime.apply_plan(model, plan):
+        out = greedy(model, _prompt(120), 8, past_key_values=cache)
+    assert out.shape == (1, 128)
+    layer = cache.layers[1]
+    assert layer.keys.dtype == torch.bfloat16 and layer.scores.dtype == torch.float32
+    seen = 127
+    assert runtime.physical_bytes(cache) < runtime.stock_bytes(model.config, seen, dtype=torch.bfloat16)
