@@ -224,8 +224,10 @@ def test_with_overrides() -> None:
     assert (changed.target_ratio, changed.dataset) == (base.target_ratio, base.dataset)
     assert base.seed == 42  # the original is untouched
     merged = base.with_overrides(method_args={"pyramidinfer": {"window": 64}, "kcache": {"bits": 4}})
-    assert merged.method_args == {"pyramidinfer": {"window": 64, "sink": 4}, "kcache": {"bits": 4}}
-    assert base.method_args == {"pyramidinfer": {"window": 32, "sink": 4}}
+    assert merged.method_args == {
+        "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"}, "kcache": {"bits": 4}
+    }
+    assert base.method_args == {"pyramidinfer": {"window": 32, "sink": 4, "head_reduce": "max"}}
     with pytest.raises(RecipeError, match="'target_ratio' must be in"):
         base.with_overrides(target_ratio=2.0)
     with pytest.raises(RecipeError, match="unknown key 'num_samples'"):
