@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -114,8 +113,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def cache_kwarg(model: torch.nn.Module) -> str:
     """Name of the forward's cache argument (``cache`` in recent transformers, ``past_key_values`` before)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return runtime.cache.cache_argument(model)
 
 
 def plan_label(path: str, plan: runtime.Plan) -> str:

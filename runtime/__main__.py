@@ -67,15 +67,18 @@ def _builtin_prompt(tokenizer, context: int) -> str:
 
 def _decode_loop(model, ids, steps, cache):
     """Greedy decoding with a given cache; returns (tokens [B, steps], logits list, prefill s, decode s)."""
+    from runtime.cache import cache_argument
+
+    arg = {cache_argument(model): cache}
     with torch.inference_mode():
         start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, use_cache=True, logits_to_keep=1, **arg)
         prefill = time.perf_counter() - start
         logits = [out.logits[:, -1].float()]
         tokens = [logits[-1].argmax(-1)]
         start = time.perf_counter()
         for _ in range(steps - 1):
-            out = model(tokens[-1][:, None], past_key_values=cache, use_cache=True)
+            out = model(tokens[-1][:, None], use_cache=True, **arg)
             logits.append(out.logits[:, -1].float())
             tokens.append(logits[-1].argmax(-1))
         decode = time.perf_counter() - start
@@ -84,11 +87,14 @@ def _decode_loop(model, ids, steps, cache):
 
 def _forced_logits(model, ids, forced, cache):
     """Logits of every step while feeding ``forced`` tokens (the full cache's continuation) through ``cache``."""
+    from runtime.cache import cache_argument
+
+    arg = {cache_argument(model): cache}
     with torch.inference_mode():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, use_cache=True, logits_to_keep=1, **arg)
         logits = [out.logits[:, -1].float()]
         for t in range(forced.shape[1] - 1):
-            out = model(forced[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(forced[:, t : t + 1], use_cache=True, **arg)
             logits.append(out.logits[:, -1].float())
     return logits
 
@@ -120,12 +126,19 @@ def run_generate(args) -> dict:
     steps = args.max_new_tokens
     dtype = next(model.parameters()).dtype
 
-    full_tokens, full_logits, full_prefill, full_decode = _decode_loop(model, ids, steps, DynamicCache(config=model.config))
+    _decode_loop(model, ids[:, :32], 2, DynamicCache(config=model.config))  # warm-up: thread pools, allocator
+    # two interleaved rounds (stock, plan, stock, plan); the faster of each counts (machines are noisy)
+    full_prefill = full_decode = plan_prefill = plan_decode = math.inf
+    for _ in range(2):
+        full_tokens, full_logits, prefill, decode = _decode_loop(model, ids, steps, DynamicCache(config=model.config))
+        full_prefill, full_decode = min(full_prefill, prefill), min(full_decode, decode)
+        with runtime.apply_plan(model, plan):
+            cache = DynamicCache(config=model.config)
+            plan_tokens, _, prefill, decode = _decode_loop(model, ids, steps, cache)
+        plan_prefill, plan_decode = min(plan_prefill, prefill), min(plan_decode, decode)
     stock_cache_bytes = runtime.stock_bytes(model.config, ids.shape[1] + steps - 1, 1, dtype)
+    physical = runtime.physical_bytes(cache)
     with runtime.apply_plan(model, plan):
-        cache = DynamicCache(config=model.config)
-        plan_tokens, _, plan_prefill, plan_decode = _decode_loop(model, ids, steps, cache)
-        physical = runtime.physical_bytes(cache)
         forced = _forced_logits(model, ids, full_tokens, DynamicCache(config=model.config))
     seen = ids.shape[1] + steps - 1
     theoretical = runtime.theoretical_bytes(plan, model.config, seen, 1, dtype)
@@ -179,7 +192,7 @@ def _print_report(r: dict) -> None:
     print(f"| top-1 agreement along the full cache's continuation | {fid['top1_agreement']:.3f} |")
     print(f"| mean KL(full ‖ plan), nats | {fid['mean_kl_nats']:.4f} |")
     print(f"| greedy tokens equal to full cache | {fid['greedy_matching_fraction']:.3f} (first divergence at {fid['greedy_first_divergence']}) |")
-    print(f"| decode tok/s stock → plan (batch 1) | {sp['stock_decode_tok_s']:.1f} → {sp['plan_decode_tok_s']:.1f} ({sp['decode_ratio']:.2f}×) |")
+    print(f"| decode tok/s stock → plan (batch 1, best of 2) | {sp['stock_decode_tok_s']:.1f} → {sp['plan_decode_tok_s']:.1f} ({sp['decode_ratio']:.2f}×) |")
     print(f"| prefill s stock → plan | {sp['stock_prefill_s']:.2f} → {sp['plan_prefill_s']:.2f} |")
 
 

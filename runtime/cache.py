@@ -8,6 +8,7 @@ says it should hold; ``stock_bytes`` what a ``DynamicCache`` would.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 
 import torch
@@ -19,6 +20,11 @@ from .pyramidinfer import BudgetedLayer, PyramidParams, theoretical_kept
 
 def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def cache_argument(model) -> str:
+    """Name of the model forward's cache argument: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def layer_types(config) -> list[str]:

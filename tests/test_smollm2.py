@@ -84,3 +84,30 @@ def test_plan_for_another_model_is_refused_on_smollm2(smollm2):
     other = Plan.noop(tiny_model("llama"))
     with pytest.raises(PlanError, match="num_hidden_layers"):
         runtime.apply_plan(model, other)
+
+
+def test_runtime_generate_cli_reports_memory_fidelity_and_speed(calibrated_plan, tmp_path, capsys):
+    import json
+
+    from runtime.__main__ import main as runtime_main
+
+    plan_file = tmp_path / "plan.safetensors"
+    calibrated_plan.save(plan_file)
+    report = tmp_path / "report.json"
+    code = runtime_main([
+        "generate", "--plan", str(plan_file), "--context", "400", "--max-new-tokens", "6", "--json", str(report),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "KV bytes physical" in printed and "top-1 agreement" in printed
+    data = json.loads(report.read_text())
+    assert data["kv_bytes"]["physical"] < data["kv_bytes"]["stock"]
+    assert 0.0 <= data["fidelity"]["top1_agreement"] <= 1.0
+    assert data["speed"]["plan_decode_tok_s"] > 0
+
+
+def test_runtime_generate_cli_refuses_a_missing_plan(tmp_path, capsys):
+    from runtime.__main__ import main as runtime_main
+
+    assert runtime_main(["generate", "--plan", str(tmp_path / "nope.safetensors")]) == 1
+    assert "no plan file" in capsys.readouterr().err
