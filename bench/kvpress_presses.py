@@ -37,9 +37,10 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch too is imported lazily: importing this module needs neither torch nor kvpress
+    import torch
 
 KVPRESS_VERSION = "0.5.5"
 
@@ -130,7 +131,7 @@ class PressHandle:
 
     model: torch.nn.Module
     press: Any
-    _seen: "weakref.WeakKeyDictionary[Any, int]" = field(default_factory=weakref.WeakKeyDictionary)
+    _seen: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     prefills: int = 0
 
     def seen_tokens(self, cache) -> int:
@@ -179,10 +180,12 @@ def apply_press(model: torch.nn.Module, press) -> Iterator[PressHandle]:
     handle = PressHandle(model=model, press=press)
     active: list[contextlib.AbstractContextManager] = []  # the press context of the prefill in flight
 
+    import torch  # noqa: PLC0415
+
     def pre_hook(module, args, kwargs):
         ids = _first_tensor_arg(args, kwargs)
         q_len = ids.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values")  # transformers 5.2's name (kvpress's hooks read it too)
         if cache is None:
             if kwargs.get("use_cache") is False:
                 raise ValueError("apply_press: a press needs a cache; call the model with use_cache=True")
@@ -229,6 +232,8 @@ def apply_press(model: torch.nn.Module, press) -> Iterator[PressHandle]:
 # ----- memory accounting ---------------------------------------------------------------------------------------------
 def _layer_tensors(layer) -> list[torch.Tensor]:
     """Every tensor a cache layer holds as an attribute (keys, values, quantized copies, bookkeeping)."""
+    import torch  # noqa: PLC0415
+
     return [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
 
 
@@ -271,6 +276,8 @@ def masking(model: torch.nn.Module, cache) -> dict[str, Any]:
     (held - masked in that head; mean, min, max over rows and heads), plus the bytes of the index tensors
     (held on the model, not in the cache).
     """
+    import torch  # noqa: PLC0415
+
     lengths = held_lengths(cache)
     per_layer = []
     index_bytes = 0
@@ -305,7 +312,8 @@ def cache_report(model: torch.nn.Module, cache, seen: int | None = None) -> dict
     """Held bytes, held tokens per layer, and the masking summary of ``cache`` after a press ran.
 
     ``effective_kept`` per layer is what attention can still see (held tokens for a dropping press, the mean over
-    KV heads of held minus masked for a masking one). ``seen`` (the logical length) is echoed when given.
+    KV heads of held minus masked for a masking one; ``effective_kept_range`` the min and max over rows and KV
+    heads). ``seen`` (the logical length) is echoed when given.
     """
     mask = masking(model, cache)
     return {
@@ -314,6 +322,7 @@ def cache_report(model: torch.nn.Module, cache, seen: int | None = None) -> dict
         "held_tokens": held_lengths(cache),
         "masked": mask["masked"],
         "effective_kept": [entry["effective_kept_mean"] for entry in mask["layers"]],
+        "effective_kept_range": [(entry["effective_kept_min"], entry["effective_kept_max"]) for entry in mask["layers"]],
         "masked_entries": [entry["masked_entries"] for entry in mask["layers"]],
         "mask_index_bytes": mask["mask_index_bytes"],
     }

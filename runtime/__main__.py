@@ -1,4 +1,4 @@
-"""``python -m runtime generate``: generate with a plan and print what it saved.
+"""``python -m runtime generate | eval``: generate with a plan and print what it saved; score it.
 
     python -m runtime generate --plan plan.safetensors            # model taken from the plan's recipe
     python -m runtime generate smollm2-135m --plan plan.safetensors --prompt-file doc.txt
@@ -40,7 +40,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="only the report, no progress output")
+
+    e = sub.add_parser(
+        "eval", help="score a plan against the full cache: lm, passkey, needle, continuation",
+        description="Run the same model with the full cache and with the plan; print one table (and --json).",
+    )
+    e.add_argument("model", nargs="?", help="alias, HF repo id, model dir or .gguf (default: the plan's recipe)")
+    e.add_argument("--plan", help="plan file or Hub repo id (none: only the full cache)")
+    e.add_argument("--data", help="folder of .txt files, one .txt file, or an L-Eval .jsonl (lm, continuation, filler)")
+    e.add_argument("--context", type=int, nargs="+", default=[2048], help="context lengths in tokens (several allowed)")
+    e.add_argument("--tasks", default="lm,passkey", help="comma list of lm,passkey,needle,continuation")
+    e.add_argument("--docs", type=int, default=4, help="text windows for lm / continuation")
+    e.add_argument("--continuation", type=int, default=32, help="scored tokens after each context")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="retrieval depths (0..1)")
+    e.add_argument("--trials", type=int, default=2, help="retrieval cases per (length, depth)")
+    e.add_argument(
+        "--question-in-prefill", action="store_true",
+        help="retrieval: prefill context and question together (as generate(prompt) does); default: the context "
+        "is compressed before the question is seen (kvpress's protocol, query-agnostic)",
+    )
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", type=Path, help="also write the report as JSON here")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
+
+
+def run_eval(args) -> dict:
+    from calibrate.models import load_model
+    from calibrate.recipe import resolve_recipe
+
+    from runtime.evaluation import EvalSettings, evaluate, full_cache, plan_method
+
+    import runtime
+
+    plan = runtime.load_plan(args.plan) if args.plan else None
+    model_ref = args.model or (plan.recipe.get("alias") or plan.recipe.get("model") if plan else None)
+    if not model_ref:
+        raise ValueError("name the model (alias, repo id, directory or .gguf), or pass a plan that names it")
+    loaded = load_model(resolve_recipe(model_ref), progress=not args.quiet)
+    methods = [full_cache()]
+    if plan is not None:
+        plan.validate(loaded.model)
+        methods.append(plan_method(plan))
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    settings = EvalSettings(
+        contexts=args.context, tasks=tasks, docs=args.docs, continuation=args.continuation,
+        batch_size=args.batch_size, depths=args.depths, trials=args.trials, seed=args.seed,
+        question_in_prefill=args.question_in_prefill,
+    )
+    report = evaluate(loaded.model, loaded.tokenizer, methods, args.data, settings)
+    report["model"] = loaded.name_or_path
+    return report
 
 
 def _builtin_prompt(tokenizer, context: int) -> str:
@@ -204,20 +255,27 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     from runtime.plan import PlanError
 
-    if args.prompt and args.prompt_file:
-        print("error: give --prompt or --prompt-file, not both", file=sys.stderr)
-        return EXIT_USAGE
-    if args.max_new_tokens < 1:
-        print("error: --max-new-tokens must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+    if args.command == "generate":
+        if args.prompt and args.prompt_file:
+            print("error: give --prompt or --prompt-file, not both", file=sys.stderr)
+            return EXIT_USAGE
+        if args.max_new_tokens < 1:
+            print("error: --max-new-tokens must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
     try:
-        report = run_generate(args)
+        report = run_generate(args) if args.command == "generate" else run_eval(args)
     except (PlanError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    _print_report(report)
+    if args.command == "generate":
+        _print_report(report)
+    else:
+        from runtime.evaluation import render
+
+        print(f"model: {report['model']}\n")
+        print(render(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report, indent=2, default=str))
     return EXIT_OK
 
 
