@@ -42,6 +42,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import runtime  # noqa: E402  (after the sys.path fix so the script runs from anywhere)
+from runtime.evaluation.lm import compare as compare_logprobs  # noqa: E402  (one scoring code for bench and eval)
 from transformers import DynamicCache  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "paul_graham_essays"
@@ -191,21 +192,10 @@ def teacher_forced_logprobs(
     return torch.stack(steps, dim=1).cpu(), cache
 
 
-def compare_logprobs(full: torch.Tensor, other: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-position statistics ``[B, C]``: argmax agreement, KL(full || other) in nats, NLL of the targets."""
-    kl = (full.exp() * (full - other)).sum(-1).clamp(min=0.0)
-    return {
-        "agree": (full.argmax(-1) == other.argmax(-1)).float(),
-        "kl": kl,
-        "nll_full": -full.gather(-1, targets[..., None]).squeeze(-1),
-        "nll_plan": -other.gather(-1, targets[..., None]).squeeze(-1),
-    }
-
-
 def summarize_fidelity(per_pos: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Aggregate per-position statistics over docs and positions."""
     ppl_full = math.exp(per_pos["nll_full"].mean().item())
-    ppl_plan = math.exp(per_pos["nll_plan"].mean().item())
+    ppl_plan = math.exp(per_pos["nll_method"].mean().item())
     return {
         "positions": int(per_pos["agree"].numel()),
         "top1_agreement": per_pos["agree"].mean().item(),
