@@ -90,3 +90,22 @@ def test_unknown_task_is_refused(tiny, text_dir):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="unknown task"):
         evaluate(model, tokenizer, [full_cache()], str(text_dir), EvalSettings(tasks=("lm", "mmlu")))
+
+
+def test_leval_scoring_and_task(tiny, tmp_path):
+    from runtime.evaluation.leval import exact_choice, score, token_f1
+
+    assert exact_choice("B. because", "B") == 1.0 and exact_choice("A", "B") == 0.0
+    assert exact_choice("A, C are right", "A, C") == 1.0
+    assert token_f1("the cat sat", "a cat sat down") == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+    assert score("C", "C") == 1.0 and score("totally different", "Oclaro restructured") == 0.0
+    model, tokenizer = tiny
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        '{"input": "' + " ".join(CORPUS) + '", "instructions": ["Which?\\nA. x\\nB. y", "What?"], "outputs": ["A", "cats"]}\n'
+    )
+    methods = [full_cache(), plan_method(Plan.noop(model), name="noop")]
+    settings = EvalSettings(tasks=("leval",), contexts=[200], docs=2, leval_tokens=4)
+    rows = evaluate(model, tokenizer, methods, str(qa), settings)["rows"]
+    assert [r["method"] for r in rows] == ["full", "noop"]
+    assert rows[0]["score"] == rows[1]["score"]

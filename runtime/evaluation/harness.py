@@ -1,7 +1,7 @@
 """``python -m runtime eval``: run the same model with the full cache and with each method; one table.
 
 Tasks: ``lm`` (perplexity, KL, top-1 after a compressed context), ``passkey`` and ``needle`` (depth × length
-grids, exact match, retention), ``continuation`` (greedy agreement). Every row reports the method's score, the full
+grids, exact match, retention), ``continuation`` (greedy agreement), ``leval`` (L-Eval exact match / F1). Every row reports the method's score, the full
 cache's score and their ratio, the KV bytes the method's cache physically held (vs theoretical vs stock) and decode
 tokens/s. Seeded and deterministic (greedy decoding, fixed windows).
 """
@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..cache import stock_bytes
-from . import continuation, lm, retrieval
+from . import continuation, leval, lm, retrieval
 from .methods import Method
-from .texts import read_texts, token_stream, windows
+from .texts import read_qa, read_texts, token_stream, windows
 
-TASKS = ("lm", "passkey", "needle", "continuation")
+TASKS = ("lm", "passkey", "needle", "continuation", "leval")
 
 
 @dataclass
@@ -34,6 +34,7 @@ class EvalSettings:
     answer_tokens: int = 10
     seed: int = 0
     question_in_prefill: bool = False
+    leval_tokens: int = 48
 
 
 def _dtype(model) -> torch.dtype:
@@ -105,6 +106,17 @@ def evaluate(model, tokenizer, methods: list[Method], data: str | None, settings
                     "task": "continuation", "context": context, "method": name, "metric": "matching tokens",
                     "score": result["matching_fraction"], "full_score": 1.0, "ratio": result["matching_fraction"],
                     "first_divergence": result["first_divergence"], "decode_tok_s": result["decode_tok_s"],
+                })
+        if "leval" in settings.tasks:
+            if not data or not str(data).endswith(".jsonl"):
+                raise ValueError("the leval task needs --data pointing at an L-Eval .jsonl file")
+            records = read_qa(data)[: settings.docs]
+            results = leval.run(model, tokenizer, methods, records, context, settings.leval_tokens)
+            full = results[methods[0].name]
+            for name, value in results.items():
+                report["rows"].append({
+                    "task": "leval", "context": context, "method": name, "metric": "EM/F1", "score": value,
+                    "full_score": full, "ratio": value / full if full else None,
                 })
     return report
 

@@ -33,7 +33,7 @@ def read_texts(path: str | Path) -> list[str]:
     if path.suffix == ".txt" and path.is_file():
         return [path.read_text(encoding="utf-8", errors="replace")]
     if path.suffix == ".jsonl" and path.is_file():
-        return sorted({r.document for r in read_qa(path)})
+        return list(dict.fromkeys(r.document for r in read_qa(path)))  # file order, each document once
     raise EvalDataError(f"evaluation data {path} is not a folder of .txt files, a .txt file or a .jsonl file")
 
 
