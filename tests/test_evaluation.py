@@ -109,3 +109,14 @@ def test_leval_scoring_and_task(tiny, tmp_path):
     rows = evaluate(model, tokenizer, methods, str(qa), settings)["rows"]
     assert [r["method"] for r in rows] == ["full", "noop"]
     assert rows[0]["score"] == rows[1]["score"]
+
+
+def test_run_stats_count_the_tokens_fed_not_what_the_cache_reports(tiny):
+    from runtime.evaluation.decoding import answer, teacher_forced
+
+    model, _ = tiny
+    ctx, cont = torch.randint(3, 100, (2, 40)), torch.randint(3, 100, (2, 6))
+    _, stats = teacher_forced(model, full_cache(), ctx, cont)
+    assert stats.seen == 45
+    _, stats = answer(model, full_cache(), ctx[:1], cont[:1], 3)
+    assert stats.seen == 40 + 6 + 2

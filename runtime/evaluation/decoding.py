@@ -22,7 +22,7 @@ class RunStats:
 
     Attributes:
         physical_bytes: bytes the cache held at the end (every tensor of every layer).
-        seen: tokens per row the cache had seen at the end.
+        seen: tokens fed per row by the end (context, question and decoded tokens but the last).
         prefill_seconds / decode_seconds: wall time of the context prefill and of the token-by-token part.
         decode_steps: number of single-token forwards timed in ``decode_seconds``.
     """
@@ -62,7 +62,9 @@ def teacher_forced(
             out = model(continuation[:, i : i + 1], use_cache=True, **arg)
             steps.append(out.logits[:, -1].float().log_softmax(-1).cpu())
         decode = time.perf_counter() - start
-    stats = RunStats(physical_bytes(cache), cache.get_seq_length(), prefill, decode, continuation.shape[1] - 1)
+    # tokens fed per row (not the cache's own count: a peer's compressed cache may report what it holds)
+    seen = context.shape[1] + continuation.shape[1] - 1
+    stats = RunStats(physical_bytes(cache), seen, prefill, decode, continuation.shape[1] - 1)
     return torch.stack(steps, dim=1), stats
 
 
@@ -87,5 +89,6 @@ def answer(
             out = model(tokens[-1][:, None], use_cache=True, **arg)
             tokens.append(out.logits[:, -1].argmax(-1))
         decode = time.perf_counter() - start
-    stats = RunStats(physical_bytes(cache), cache.get_seq_length(), prefill, decode, max_new_tokens - 1)
+    seen = context.shape[1] + (question.shape[1] if question is not None else 0) + max_new_tokens - 1
+    stats = RunStats(physical_bytes(cache), seen, prefill, decode, max_new_tokens - 1)
     return torch.stack(tokens, dim=1).cpu(), stats
