@@ -43,6 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import runtime  # noqa: E402  (after the sys.path fix so the script runs from anywhere)
 from runtime.evaluation.lm import compare as compare_logprobs  # noqa: E402  (one scoring code for bench and eval)
+from runtime.evaluation.lm import summarize as summarize_positions  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "paul_graham_essays"
@@ -193,17 +194,16 @@ def teacher_forced_logprobs(
 
 
 def summarize_fidelity(per_pos: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Aggregate per-position statistics over docs and positions."""
-    ppl_full = math.exp(per_pos["nll_full"].mean().item())
-    ppl_plan = math.exp(per_pos["nll_method"].mean().item())
+    """Aggregate per-position statistics over docs and positions (the harness's summary plus per-doc detail)."""
+    base = summarize_positions(per_pos)
     return {
-        "positions": int(per_pos["agree"].numel()),
-        "top1_agreement": per_pos["agree"].mean().item(),
-        "mean_kl": per_pos["kl"].mean().item(),
+        "positions": base["positions"],
+        "top1_agreement": base["top1_agreement"],
+        "mean_kl": base["kl"],
         "max_kl": per_pos["kl"].max().item(),
-        "ppl_full": ppl_full,
-        "ppl_plan": ppl_plan,
-        "ppl_rise": ppl_plan / ppl_full - 1.0,
+        "ppl_full": base["ppl_full"],
+        "ppl_plan": base["ppl_method"],
+        "ppl_rise": base["ppl_ratio"] - 1.0,
         "per_doc_agreement": per_pos["agree"].mean(1).tolist(),
         "per_doc_kl": per_pos["kl"].mean(1).tolist(),
         # first vs second half of the continuation: does the error grow while decoding?
