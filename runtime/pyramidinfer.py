@@ -52,7 +52,10 @@ class PyramidParams:
         floor = torch.clamp(seen, max=self.sink + self.window)
         return torch.minimum(torch.maximum(want, floor), seen)
 
-    def slack_for(self, budget: int) -> int:
+    def slack_for(self, budget):
+        """Tokens allowed above ``budget`` (an int, or an int64 tensor of per-row budgets) before compacting."""
+        if isinstance(budget, torch.Tensor):
+            return torch.full_like(budget, self.slack) if self.slack is not None else (budget // 64).clamp(min=4)
         return self.slack if self.slack is not None else max(4, budget // 64)
 
 
@@ -252,7 +255,7 @@ class BudgetedLayer(DynamicLayer):
         allowed = self._allowed(full_mask, q_len)
         out, probs = attend(query, self.keys, self.values, allowed, scaling, self.params.head_reduce)
         self._fold_scores(probs, allowed)
-        self._count_new_tokens(full_mask, q_len)
+        self._count_new_tokens(q_len)
         self._maybe_compact()
         return out
 
@@ -295,7 +298,7 @@ class BudgetedLayer(DynamicLayer):
             scores = gamma * scores + (1.0 - gamma) * probs[:, i]
         self.scores = scores
 
-    def _count_new_tokens(self, full_mask: torch.Tensor | None, q_len: int) -> None:
+    def _count_new_tokens(self, q_len: int) -> None:
         total = self.scores.shape[1]
         self.real_seen = self.real_seen + self.key_valid()[:, total - q_len :].sum(dim=1)
 
@@ -307,8 +310,7 @@ class BudgetedLayer(DynamicLayer):
         """
         budget = self.params.budget(self.real_seen)
         held = self.key_valid().sum(dim=1)
-        slack = torch.tensor([self.params.slack_for(int(b)) for b in budget.tolist()], device=budget.device)
-        over = held > budget + slack
+        over = held > budget + self.params.slack_for(budget)
         if bool(over.any()):
             self._compact(torch.where(over, budget, held))
 

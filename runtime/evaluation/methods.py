@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..apply import apply_plan
-from ..cache import stock_bytes, theoretical_bytes
+from ..cache import theoretical_bytes
 from ..plan import Plan
 
 
@@ -52,7 +52,3 @@ def plan_method(plan: Plan, name: str | None = None) -> Method:
     """A kvplan plan as an evaluation method."""
     label = name or f"plan({', '.join(plan.methods) or 'none'}, ratio {plan.target_ratio})"
     return Method(name=label, applied=lambda model: apply_plan(model, plan), plan=plan)
-
-
-def full_bytes(config, seq_len: int, batch: int, dtype: torch.dtype) -> int:
-    return stock_bytes(config, seq_len, batch, dtype)
