@@ -17,7 +17,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from . import attention
-from .cache import install_plan_layers, pyramid_params
+from .cache import install_plan_layers, layer_specs
+from .kvsharer import restore_projections, skip_projections
 from .plan import Plan, PlanError, load_plan
 from .pyramidinfer import BudgetedLayer
 
@@ -32,6 +33,7 @@ class AppliedPlan:
     plan: Plan
     previous_attn_implementation: str | None
     _handles: list = field(default_factory=list, repr=False)
+    _swapped: list = field(default_factory=list, repr=False)
     active: bool = True
 
     def remove(self) -> None:
@@ -41,6 +43,8 @@ class AppliedPlan:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        restore_projections(self._swapped)
+        self._swapped.clear()
         if self.previous_attn_implementation is not None:
             self.model.set_attn_implementation(self.previous_attn_implementation)
         self.active = False
@@ -57,7 +61,9 @@ class _CacheHook:
 
     def __init__(self, applied: AppliedPlan, model: torch.nn.Module):
         self.applied = applied
-        self.layer_params = pyramid_params(applied.plan, model.config)
+        self.layer_specs = layer_specs(applied.plan, model.config)
+        # a sharing layer's k/v projections are skipped, so it needs its source's cache even without use_cache
+        self.needs_cache = any(spec.source != idx for idx, spec in enumerate(self.layer_specs))
         self.config = model.config
 
     def __call__(self, module, args, kwargs):
@@ -67,11 +73,17 @@ class _CacheHook:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
-        if cache is None and use_cache:
+        if cache is None and (use_cache or self.needs_cache):
             cache = DynamicCache(config=self.config)
             kwargs[name] = cache
-        if isinstance(cache, Cache) and install_plan_layers(cache, self.layer_params):
-            kwargs[attention.CACHE_KWARG] = cache
+        if isinstance(cache, Cache):
+            if install_plan_layers(cache, self.layer_specs):
+                kwargs[attention.CACHE_KWARG] = cache
+            elif self.needs_cache:
+                raise PlanError(
+                    "kvplan: this forward continues a cache filled without the plan, but the plan's sharing layers "
+                    "skip their k/v projections and need their source layers' cache; start from an empty cache"
+                )
         return args, kwargs
 
 
@@ -94,6 +106,11 @@ def _check_compressed(module, args, kwargs, output) -> None:
     if cache is None:
         return
     for idx, layer in enumerate(cache.layers):
+        if isinstance(layer, BudgetedLayer) and layer.step_pending:
+            raise RuntimeError(
+                f"kvplan: layer {idx} waited for sharing layers that never attended over its cache in this forward "
+                f"pass ({type(module).__name__}); please report it with the model id"
+            )
         if isinstance(layer, BudgetedLayer) and layer.seen > 0 and not layer.compressed:
             raise RuntimeError(
                 f"kvplan: layer {idx} cached tokens without going through kvplan's attention function; this "
@@ -146,6 +163,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
     model.set_attn_implementation(name)
     applied = AppliedPlan(model=model, plan=plan, previous_attn_implementation=previous)
     decoder = _decoder(model)
+    sources = [spec.source for spec in layer_specs(plan, model.config)]
+    applied._swapped = skip_projections(decoder.layers, sources)
     applied._handles.append(
         decoder.register_forward_pre_hook(_CacheHook(applied, model), with_kwargs=True, prepend=True)
     )

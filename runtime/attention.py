@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from .kvsharer import SharedLayer
 from .pyramidinfer import BudgetedLayer
 
 ATTN_NAME = "kvplan"
@@ -61,16 +62,25 @@ def kvplan_attention(
         )
         return out
 
+    if isinstance(layer, SharedLayer):  # a KVSharer layer over a PyramidInfer source: the source steers
+        return layer.source.reader_attention(query, to_bool_mask(attention_mask), scaling, exact), None
     return layer.attention(query, to_bool_mask(attention_mask), scaling, exact), None
 
 
-def _plan_layer(cache, layer_idx: int | None) -> BudgetedLayer | None:
+def _plan_layer(cache, layer_idx: int | None) -> BudgetedLayer | SharedLayer | None:
+    """The plan layer that steers this layer's attention, or None for stock SDPA.
+
+    A sharing layer whose source keeps everything needs nothing special: its cache already handed the source's
+    K/V to the model, and stock SDPA over them with the forward's mask is exact.
+    """
     if cache is None or layer_idx is None:
         return None
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
+    if isinstance(layer, SharedLayer):
+        return layer if isinstance(layer.source, BudgetedLayer) else None
     return layer if isinstance(layer, BudgetedLayer) else None
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .kvsharer import SharedLayer, readers_of, sharing_map
 from .plan import Plan
 from .pyramidinfer import BudgetedLayer, PyramidParams, theoretical_kept
 
@@ -66,23 +68,54 @@ def pyramid_params(plan: Plan, config) -> list[PyramidParams | None]:
     return out
 
 
-def install_plan_layers(cache: Cache, layer_params: list[PyramidParams | None]) -> bool:
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the plan asks of one layer's cache.
+
+    Attributes:
+        source: the layer whose cache this layer reads (its own index when it owns its cache; KVSharer).
+        pyramid: the PyramidInfer budget of the layer's own cache, or None when it keeps everything it sees
+            (ignored for a sharing layer: its source's budget applies).
+        readers: how many later layers read this layer's cache.
+    """
+
+    source: int
+    pyramid: PyramidParams | None = None
+    readers: int = 0
+
+
+def layer_specs(plan: Plan, config) -> list[LayerSpec]:
+    """Per layer, the cache the plan asks for: owned (full or budgeted, with its readers) or shared."""
+    n_layers = _text_config(config).num_hidden_layers
+    sources = sharing_map(plan, n_layers)
+    readers = readers_of(sources)
+    pyramid = pyramid_params(plan, config)
+    return [
+        LayerSpec(source=sources[l], pyramid=pyramid[l] if sources[l] == l else None, readers=readers[l])
+        for l in range(n_layers)
+    ]
+
+
+def install_plan_layers(cache: Cache, specs: list[LayerSpec]) -> bool:
     """Swap a fresh cache's layers for plan layers; returns False (and changes nothing) if it already holds tokens.
 
     A cache that already holds tokens was filled without the plan; compressing it half-way would not match what
     the plan promises, so it is left alone.
     """
     layers = cache.layers
-    if any(isinstance(layer, BudgetedLayer) for layer in layers):
+    if any(isinstance(layer, (BudgetedLayer, SharedLayer)) for layer in layers):
         return True
     if any(getattr(layer, "is_initialized", False) and _held(layer) > 0 for layer in layers):
         return False
     replicate = getattr(cache, "layer_class_to_replicate", None)
-    while len(layers) < len(layer_params):
+    while len(layers) < len(specs):
         layers.append(replicate() if replicate is not None else DynamicLayer())
-    for idx, params in enumerate(layer_params):
-        if params is not None:
-            layers[idx] = BudgetedLayer(params)
+    for idx, spec in enumerate(specs):
+        if spec.source == idx and spec.pyramid is not None:
+            layers[idx] = BudgetedLayer(spec.pyramid, readers=spec.readers)
+    for idx, spec in enumerate(specs):  # sources first, so a sharing layer can point at its source's object
+        if spec.source != idx:
+            layers[idx] = SharedLayer(spec.source, layers[spec.source])
     return True
 
 
@@ -95,6 +128,8 @@ def physical_bytes(cache: Cache, by_device: bool = False) -> int | dict[str, int
     """Bytes of every tensor the cache holds (K, V and any bookkeeping), in total or per device."""
     totals: dict[str, int] = defaultdict(int)
     for layer in cache.layers:
+        if isinstance(layer, SharedLayer):  # holds nothing of its own
+            continue
         if isinstance(layer, BudgetedLayer):
             if layer.keys is not None:
                 totals[str(layer.keys.device)] += layer.physical_bytes()
@@ -132,8 +167,11 @@ def theoretical_bytes(
     window = getattr(cfg, "sliding_window", None)
     per_token = _bytes_per_token(config, dtype)
     total = 0
-    for kind, params in zip(layer_types(config), pyramid_params(plan, config)):
-        if params is not None:
+    for layer, (kind, spec) in enumerate(zip(layer_types(config), layer_specs(plan, config))):
+        params = spec.pyramid
+        if spec.source != layer:
+            held = 0  # a sharing layer reads its source's cache
+        elif params is not None:
             held = theoretical_kept(seq_len, params)
         elif kind != "full_attention" and window:
             held = min(seq_len, window)
@@ -145,4 +183,7 @@ def theoretical_bytes(
 
 def kept_lengths(cache: Cache) -> list[int]:
     """Tokens each layer physically holds (per row, the rectangular width)."""
-    return [layer.kept_length() if isinstance(layer, BudgetedLayer) else _held(layer) for layer in cache.layers]
+    return [
+        layer.kept_length() if isinstance(layer, (BudgetedLayer, SharedLayer)) else _held(layer)
+        for layer in cache.layers
+    ]

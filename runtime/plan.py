@@ -460,6 +460,28 @@ def _check_tensors(tensors: Any, methods: tuple[str, ...], fingerprint: dict[str
             raise PlanError(f"tensor {spec.name} is present but {method} is not enabled; enable it or drop the tensor")
         if present:
             _check_required_tensor(spec, tensors[spec.name], fingerprint)
+    if "kvsharer" in methods:
+        _check_shared_layer_kinds(tensors[TENSOR_SPECS["kvsharer"].name], fingerprint)
+
+
+def _fingerprint_layer_kinds(fingerprint: dict[str, Any]) -> list[str]:
+    """Attention type of every layer as the fingerprint describes it (the runtime's ``layer_types`` rule)."""
+    kinds = fingerprint.get("layer_types")
+    if kinds is None:
+        kind = "sliding_attention" if fingerprint.get("sliding_window") else "full_attention"
+        kinds = [kind] * fingerprint["num_hidden_layers"]
+    return list(kinds)
+
+
+def _check_shared_layer_kinds(share_source: torch.Tensor, fingerprint: dict[str, Any]) -> None:
+    """KVSharer shares full-attention layers only (a sliding-window source trims its cache as it updates)."""
+    kinds = _fingerprint_layer_kinds(fingerprint)
+    for layer, source in enumerate(int(v) for v in share_source.tolist()):
+        if source != layer and (kinds[layer] != "full_attention" or kinds[source] != "full_attention"):
+            raise PlanError(
+                f"tensor kvsharer.share_source: layer {layer} ({kinds[layer]}) shares layer {source} "
+                f"({kinds[source]}); only full-attention layers can share a cache"
+            )
 
 
 def _check_required_tensor(spec: TensorSpec, tensor: torch.Tensor, fingerprint: dict[str, Any]) -> None:

@@ -155,9 +155,11 @@ class BudgetedLayer(DynamicLayer):
     positions and masks stay those of the full sequence; ``kept_length()`` is what is really held.
     """
 
-    def __init__(self, params: PyramidParams):
+    def __init__(self, params: PyramidParams, readers: int = 0):
         super().__init__()
         self.params = params
+        self.readers = readers  # KVSharer: later layers that attend over this layer's cache
+        self._pending: dict | None = None  # this step's votes while readers still have to attend
         self.seen = 0
         self.positions: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
@@ -202,6 +204,7 @@ class BudgetedLayer(DynamicLayer):
         self.positions = self.scores = self.real_seen = None
         self.prefill_end = 0
         self.compressed = False
+        self._pending = None
 
     def crop(self, *args, **kwargs) -> None:
         raise NotImplementedError(
@@ -247,24 +250,74 @@ class BudgetedLayer(DynamicLayer):
 
         ``full_mask`` is the bool mask ``[B|1, 1, Q, seen]`` over the full sequence, or ``None`` when there is no
         padding. ``prefill_fn(keys, values)`` computes the exact (stock) output of the first chunk.
-        Returns ``[B, Q, H_q, d]``.
+        Returns ``[B, Q, H_q, d]``. When other layers read this cache (KVSharer), compression waits until the
+        last of them has attended (:meth:`reader_attention`), and their queries vote on what is kept.
         """
         q_len = query.shape[2]
         if not self.compressed:
-            return self._prefill(query, full_mask, scaling, prefill_fn)
-        allowed = self._allowed(full_mask, q_len)
-        out, probs = attend(query, self.keys, self.values, allowed, scaling, self.params.head_reduce)
-        self._fold_scores(probs, allowed)
-        self._count_new_tokens(q_len)
-        self._maybe_compact()
+            out = prefill_fn(self.keys, self.values)
+            self._pending = {"prefill": True, "mask": full_mask, "votes": [self._prefill_scores(query, full_mask, scaling)]}
+        else:
+            allowed = self._allowed(full_mask, q_len)
+            out, probs = attend(query, self.keys, self.values, allowed, scaling, self.params.head_reduce)
+            self._pending = {"prefill": False, "allowed": allowed, "votes": [probs]}
+        if self.readers == 0:
+            self._finish_step()
         return out
 
-    def _prefill(self, query, full_mask, scaling, prefill_fn) -> torch.Tensor:
-        bsz, total = query.shape[0], self.keys.shape[2]
-        out = prefill_fn(self.keys, self.values)
-        valid = _key_valid_from_mask(full_mask, bsz, total, query.device)
+    def reader_attention(
+        self, query: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, prefill_fn
+    ) -> torch.Tensor:
+        """Attention of a sharing layer's ``query`` over this layer's cache, in the same forward pass.
+
+        The first chunk is exact over every key (``prefill_fn``), later chunks attend over what this layer holds;
+        the reader's attention joins this layer's in choosing what to keep. The last reader compresses.
+        """
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("kvplan: a sharing layer attended before its source layer in this forward pass")
+        if pending["prefill"]:
+            out = prefill_fn(self.keys, self.values)
+            pending["votes"].append(self._prefill_scores(query, full_mask, scaling))
+        else:
+            out, probs = attend(query, self.keys, self.values, pending["allowed"], scaling, self.params.head_reduce)
+            pending["votes"].append(probs)
+        if len(pending["votes"]) == self.readers + 1:
+            self._finish_step()
+        return out
+
+    @property
+    def step_pending(self) -> bool:
+        """True while this forward's compression waits for readers that have not attended yet."""
+        return self._pending is not None
+
+    def _combine_votes(self, votes: list[torch.Tensor]) -> torch.Tensor:
+        """One score per token from the source's and its readers' attention (same rule as over query heads)."""
+        if len(votes) == 1:
+            return votes[0]
+        stacked = torch.stack(votes)
+        return stacked.amax(dim=0) if self.params.head_reduce == "max" else stacked.mean(dim=0)
+
+    def _finish_step(self) -> None:
+        pending, self._pending = self._pending, None
+        combined = self._combine_votes(pending["votes"])
+        if pending["prefill"]:
+            self._compress_prefill(combined, pending["mask"])
+        else:
+            q_len = combined.shape[1]
+            self._fold_scores(combined, pending["allowed"])
+            self._count_new_tokens(q_len)
+            self._maybe_compact()
+
+    def _prefill_scores(self, query, full_mask, scaling) -> torch.Tensor:
+        """float32 ``[B, T]`` window scores of ``query`` over every key held (the whole first chunk)."""
+        valid = _key_valid_from_mask(full_mask, query.shape[0], self.keys.shape[2], query.device)
         p = self.params
-        scores = window_scores(query, self.keys, valid, scaling, p.window, p.pool, p.head_reduce)
+        return window_scores(query, self.keys, valid, scaling, p.window, p.pool, p.head_reduce)
+
+    def _compress_prefill(self, scores: torch.Tensor, full_mask) -> None:
+        bsz, total = self.keys.shape[0], self.keys.shape[2]
+        valid = _key_valid_from_mask(full_mask, bsz, total, self.keys.device)
         scores = scores.masked_fill(~valid, NEG_INF)
         rank = valid.long().cumsum(dim=1)  # 1-based rank of each real token in its row
         scores = scores.masked_fill(valid & (rank <= self.params.sink), POS_INF)
@@ -273,7 +326,6 @@ class BudgetedLayer(DynamicLayer):
         self.prefill_end = self.seen
         self.compressed = True
         self._compact(self.params.budget(self.real_seen))
-        return out
 
     def _allowed(self, full_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
         """bool ``[B, Q, T]`` over the held slots: old real tokens, plus the new chunk's own (causal) mask."""

@@ -21,3 +21,23 @@ def pyramid_plan(model, keep, window: int = 8, sink: int = 2, **extra) -> Plan:
 
 def greedy(model, ids, new_tokens=16, **kwargs):
     return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+
+def share_plan(model, sources, keep=None, window: int = 8, sink: int = 2) -> Plan:
+    """A KVSharer plan with ``share_source = sources`` (alone, or with PyramidInfer at ``keep`` on every layer)."""
+    layers = model.config.num_hidden_layers
+    tensors = {"kvsharer.share_source": torch.tensor(sources, dtype=torch.int32)}
+    methods: tuple[str, ...] = ("kvsharer",)
+    params: dict = {}
+    if keep is not None:
+        methods = ("pyramidinfer", "kvsharer")
+        tensors["pyramidinfer.layer_keep"] = torch.full((layers,), float(keep))
+        params["pyramidinfer"] = {"window": window, "sink": sink}
+    owners = sum(1 for layer, source in enumerate(sources) if source == layer)
+    return Plan(
+        fingerprint=fingerprint_from_model(model),
+        methods=methods,
+        params=params,
+        tensors=tensors,
+        target_ratio=owners / layers * (1.0 if keep is None else float(keep)),
+    )
