@@ -13,7 +13,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 METHOD_CHOICES = ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
-TIMING_KEYS = ("calibration_seconds", "forward_pass_seconds", "model_load_seconds")
+TIMING_KEYS = ("calibration_seconds", "forward_pass_seconds", "model_load_seconds", "kvsharer_search_seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of pyramidinfer,kvsharer,kvcompress,kcache; 'all'; or 'none' (a plan that changes nothing)",
     )
     p.add_argument("--target-ratio", type=float, help="fraction of the full KV cache memory to keep, in (0, 1]")
+    p.add_argument(
+        "--share-layers",
+        metavar="N",
+        help="KVSharer: layers to share, a count (8) or a fraction of the layers (0.25), or 'auto' (default: alone "
+        "a quarter of the layers; with pyramidinfer the split of --target-ratio between the methods is searched)",
+    )
     p.add_argument("--num-calibration-samples", type=int, help="number of calibration sequences")
     p.add_argument("--max-seq-length", type=int, help="tokens per calibration sequence")
     p.add_argument("--dataset", help="builtin:self-instruct, a .txt/.jsonl file, a folder of .txt, or an HF dataset")
@@ -108,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         methods = parse_methods(args.methods)
+        method_args = None
+        if args.share_layers is not None:
+            from .kvsharer import parse_share_layers
+
+            method_args = {"kvsharer": {"share_layers": parse_share_layers(args.share_layers)}}
         recipe = resolve_recipe(args.model, args.recipe).with_overrides(
+            method_args=method_args,
             methods=methods,
             target_ratio=args.target_ratio,
             num_calibration_samples=args.num_calibration_samples,
@@ -161,6 +173,26 @@ def _print_summary(plan, result, out: Path) -> None:
             file=err,
         )
         print("per-layer keep fractions: " + " ".join(f"{k:.3f}" for k in keep), file=err)
+    kvs = result.report.get("kvsharer")
+    if kvs:
+        pairs = ", ".join(f"{l}<-{s}" for l, s in enumerate(kvs["share_source"]) if s != l) or "none"
+        final = kvs["final"] or {}
+        print(
+            f"kvsharer: {len(kvs['shared_layers'])} layers shared ({pairs}); {kvs['trials']} candidates tried in "
+            f"{kvs['search_seconds']:.1f} s; final cosine {final.get('cosine', float('nan')):.4f}, "
+            f"top-1 {final.get('top1', float('nan')):.3f}",
+            file=err,
+        )
+    split = result.report.get("split")
+    if split:
+        print("joint split (shared layers / owners' mean keep / KL / top-1):", file=err)
+        for row in split:
+            mark = "  <- chosen" if row["chosen"] else ""
+            print(
+                f"  {row['shared_layers']:3d} / {row['mean_keep_of_owners']:.3f} / {row['kl']:.4f} / "
+                f"{row['top1']:.3f}{mark}",
+                file=err,
+            )
 
 
 if __name__ == "__main__":

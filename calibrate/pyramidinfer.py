@@ -72,12 +72,19 @@ class CapturedMassObserver:
 
     num_layers: int
     settings: PyramidSettings
+    pairs: frozenset = frozenset()  # KVSharer (reader, source) pairs: reader queries over the source's keys
     curves: torch.Tensor = field(init=False)
     counts: torch.Tensor = field(init=False)
+    pair_curves: dict = field(init=False)
+    pair_counts: dict = field(init=False)
 
     def __post_init__(self) -> None:
         self.curves = torch.zeros(self.num_layers, GRID + 1, dtype=torch.float64)
         self.counts = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.pair_curves = {pair: torch.zeros(GRID + 1, dtype=torch.float64) for pair in self.pairs}
+        self.pair_counts = {pair: 0 for pair in self.pairs}
+        self._sources = {source for _, source in self.pairs}
+        self._keys: dict[int, torch.Tensor] = {}  # this sample's keys of layers some reader needs
 
     def cut_points(self, seq_len: int) -> list[int]:
         """Context lengths ``t`` observed in a sample of ``seq_len`` tokens (none if it is too short)."""
@@ -91,12 +98,20 @@ class CapturedMassObserver:
     def observe(self, layer_idx, query, key, value, scaling) -> None:
         if layer_idx >= self.num_layers:
             return
-        for t in self.cut_points(query.shape[2]):
+        cuts = self.cut_points(query.shape[2])
+        for t in cuts:
             self.curves[layer_idx] += self._curve(query, key, scaling, t)
             self.counts[layer_idx] += 1
+        if layer_idx in self._sources:
+            self._keys[layer_idx] = key
+        for reader, source in self.pairs:
+            if reader == layer_idx and source in self._keys:
+                for t in cuts:
+                    self.pair_curves[(reader, source)] += self._curve(query, self._keys[source], scaling, t)
+                    self.pair_counts[(reader, source)] += 1
 
     def end_sample(self) -> None:
-        pass
+        self._keys.clear()
 
     def _curve(self, query: torch.Tensor, key: torch.Tensor, scaling: float, t: int) -> torch.Tensor:
         s = self.settings
@@ -135,6 +150,25 @@ class CapturedMassObserver:
         out[seen] = self.curves[seen] / self.counts[seen, None]
         # a kept set only grows with f: make the curves monotone so the allocation is well posed
         return torch.cummax(out, dim=1).values
+
+    def group_curves(self, sources: list[int] | None) -> torch.Tensor:
+        """Curves for a KVSharer map: an owner's curve is its own plus each reader's over the owner's keys.
+
+        A layer read by others serves their queries too, so the attention mass it loses counts once per reader.
+        Rows of reading layers are left as their own curves (they are not budgeted).
+        """
+        curves = self.mean_curves()
+        if sources is None:
+            return curves
+        grouped = curves.clone()
+        for reader, source in enumerate(sources):
+            if source == reader:
+                continue
+            count = self.pair_counts.get((reader, source), 0)
+            if count == 0:
+                raise ValueError(f"no curve observed for layer {reader} reading layer {source}'s cache")
+            grouped[source] += torch.cummax(self.pair_curves[(reader, source)] / count, dim=0).values
+        return grouped
 
 
 def allocate_keep(
@@ -178,20 +212,24 @@ def allocate_keep(
 
 def calibrate_layer_keep(
     observer: CapturedMassObserver, layer_kinds: list[str], target_ratio: float, seq_len: int,
-    sliding_window: int | None,
+    sliding_window: int | None, sources: list[int] | None = None,
 ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """Turn the observed curves into ``layer_keep`` meeting ``target_ratio`` of the stock cache at ``seq_len``.
 
     Sliding-window layers are held at ``min(seq_len, window)`` tokens by the stock cache already and stay
-    untouched; the full-attention layers share what is left of the budget. Returns the fractions, a report, the
-    mean curves float32 ``[L, GRID + 1]`` and the mass each layer captures at its fraction float32 ``[L]``.
+    untouched; the full-attention layers share what is left of the budget. With a KVSharer map (``sources``),
+    sharing layers hold nothing (their fraction is written as 1.0 and ignored by the runtime) and the layers that
+    own a cache share the whole budget, each weighted by the readers it serves. Returns the fractions, a report,
+    the (grouped) mean curves float32 ``[L, GRID + 1]`` and the mass each layer captures float32 ``[L]``.
     """
     s = observer.settings
-    budgeted = [kind == "full_attention" for kind in layer_kinds]
+    full = [kind == "full_attention" for kind in layer_kinds]
+    owner = [True] * len(layer_kinds) if sources is None else [src == l for l, src in enumerate(sources)]
+    budgeted = [f and o for f, o in zip(full, owner)]
     held_fixed = sum(
         min(seq_len, sliding_window or seq_len) for kind in layer_kinds if kind != "full_attention"
     )
-    stock = held_fixed + seq_len * sum(budgeted)
+    stock = held_fixed + seq_len * sum(full)
     n_full = sum(budgeted)
     if n_full == 0:
         raise ValueError("this model has no full-attention layers for PyramidInfer to compress")
@@ -199,17 +237,20 @@ def calibrate_layer_keep(
     floor_frac = min(1.0, (s.sink + s.window) / seq_len)
     fraction = min(1.0, max(wanted, floor_frac))
     floor = torch.full((len(layer_kinds),), floor_frac, dtype=torch.float64)
-    curves = observer.mean_curves()
+    curves = observer.group_curves(sources)
     keep = allocate_keep(curves, budgeted, fraction, floor)
     kept_tokens = held_fixed + sum(float(keep[l]) * seq_len for l in range(len(keep)) if budgeted[l])
     steps = (keep.double() * GRID).round().long().clamp(0, GRID)
     captured = curves[torch.arange(len(keep)), steps]
+    if sources is not None:  # grouped curves add one curve per reader: report the group's mean
+        members = torch.bincount(torch.tensor(sources), minlength=len(sources)).clamp(min=1)
+        captured = captured / members
     report = {
         "target_ratio": target_ratio,
         "achieved_ratio_at_calibration_length": kept_tokens / stock,
         "calibration_length": seq_len,
         "mean_captured_mass": float(captured[torch.tensor(budgeted)].mean()),
         "observations_per_layer": int(observer.counts.max()),
-        "feasible": wanted >= floor_frac,
+        "feasible": floor_frac <= wanted <= 1.0,
     }
     return keep, report, curves.float(), captured.float()

@@ -68,7 +68,9 @@ def test_parse_methods():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["smollm2-135m", "--methods", "kvsharer"], "not implemented"),
+        (["smollm2-135m", "--methods", "kvcompress"], "not implemented"),
+        (["smollm2-135m", "--methods", "kvsharer", "--share-layers", "1.5"], "--share-layers"),
+        (["smollm2-135m", "--methods", "kvsharer", "--share-layers", "many"], "--share-layers"),
         (["smollm2-135m", "--methods", "pyramid"], "unknown method"),
         (["no-such-model", "--methods", "pyramidinfer"], "unknown model alias"),
         (["smollm2-135m", "--target-ratio", "1.5"], "target_ratio"),

@@ -224,10 +224,11 @@ def test_with_overrides() -> None:
     assert (changed.target_ratio, changed.dataset) == (base.target_ratio, base.dataset)
     assert base.seed == 42  # the original is untouched
     merged = base.with_overrides(method_args={"pyramidinfer": {"window": 64}, "kcache": {"bits": 4}})
+    kvsharer = {"share_layers": "auto", "threshold": 0.95, "order": "dissimilar"}
     assert merged.method_args == {
-        "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"}, "kcache": {"bits": 4}
+        "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"}, "kcache": {"bits": 4}, "kvsharer": kvsharer
     }
-    assert base.method_args == {"pyramidinfer": {"window": 32, "sink": 4, "head_reduce": "max"}}
+    assert base.method_args == {"pyramidinfer": {"window": 32, "sink": 4, "head_reduce": "max"}, "kvsharer": kvsharer}
     with pytest.raises(RecipeError, match="'target_ratio' must be in"):
         base.with_overrides(target_ratio=2.0)
     with pytest.raises(RecipeError, match="unknown key 'num_samples'"):
@@ -243,7 +244,7 @@ def test_to_dict_is_json_serialisable_stable_and_round_trips() -> None:
     assert recipe.to_json() == json.dumps(json.loads(first), separators=(",", ":"), ensure_ascii=False)
     keys = list(recipe.to_dict())
     assert keys[:3] == ["alias", "model", "model_revision"]
-    assert keys[-2:] == ["kcache", "pyramidinfer"]
+    assert keys[-3:] == ["kcache", "kvsharer", "pyramidinfer"]
     assert list(recipe.to_dict()["kcache"]) == ["a", "b"]
     assert Recipe.from_dict(json.loads(first)) == recipe
     # equal recipes built in a different key order serialise identically

@@ -1,0 +1,348 @@
+"""KVSharer, calibrated: which later layers reuse an earlier layer's K/V.
+
+1. **Distances.** Over the calibration samples, the post-RoPE K and V of every layer are averaged position by
+   position over the first ``distance_tokens`` positions (positions a sample does not reach are left out of that
+   position's mean, never counted as zeros). For every pair of full-attention layers ``i > j`` the distance is
+   ``(||K̄_i - K̄_j|| + ||V̄_i - V̄_j||) / 2`` (``metric``: the paper's flattened L2, or the official code's mean
+   per-vector L2).
+2. **Greedy search.** Pairs are tried in ``order`` (``dissimilar`` first — the paper's counter-intuitive choice —,
+   or ``similar`` / ``random`` for the ablation): a candidate map ``share[i] = j`` (chains resolved) is run through
+   kvplan's own runtime on ``accept_samples`` calibration windows of ``accept_tokens`` tokens, and accepted only
+   if the mean per-token cosine of the final (post-norm) hidden states with the full model's stays
+   ``>= threshold``. Every candidate's cosine, top-1 agreement and KL are logged. The search stops at the target
+   number of shared layers or after ``max_trials`` candidates (the number of model re-runs is bounded).
+
+Unlike the official code: samples of different lengths are averaged per position (not skipped with the divisor
+unchanged), K/V projections of sharing layers are really skipped at run time, and the decode-time cache is right
+(the runtime's ``SharedLayer``); the acceptance threshold is meant to bind (the notebook's 0.5 never does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.apply import apply_plan
+from runtime.plan import Plan, fingerprint_from_model
+
+log = logging.getLogger(__name__)
+
+ORDERS = ("dissimilar", "similar", "random")
+METRICS = ("flattened_l2", "mean_per_vector_l2")
+
+
+@dataclass
+class SharerSettings:
+    """KVSharer calibration settings (recipe key ``kvsharer``).
+
+    Attributes:
+        share_layers: layers to share: an integer count >= 1, a fraction of the layers in (0, 1), or ``auto``
+            (alone: a quarter of the layers; with PyramidInfer: the split between sharing and token budgets
+            that keeps fidelity highest for the target memory is searched).
+        threshold: smallest mean cosine of the final hidden states (vs the full model) a candidate may have.
+        distance_tokens: positions of each sample whose K/V are averaged for the distances.
+        accept_samples / accept_tokens: windows (of the calibration samples) each candidate is scored on.
+        max_trials: most candidates tried (each costs one run over the acceptance windows).
+        order: ``dissimilar`` (paper), ``similar`` or ``random`` (ablations).
+        metric: ``flattened_l2`` (paper) or ``mean_per_vector_l2`` (official code).
+    """
+
+    share_layers: float | int | str = "auto"
+    threshold: float = 0.95
+    distance_tokens: int = 256
+    accept_samples: int = 2
+    accept_tokens: int = 512
+    max_trials: int = 48
+    order: str = "dissimilar"
+    metric: str = "flattened_l2"
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: dict) -> SharerSettings:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(args) - known
+        if unknown:
+            raise ValueError(f"unknown kvsharer option(s) {sorted(unknown)}; known: {sorted(known)}")
+        settings = cls(**args)
+        settings.share_layers = parse_share_layers(settings.share_layers)
+        if not 0.0 <= float(settings.threshold) <= 1.0:
+            raise ValueError(f"kvsharer threshold must be in [0, 1], got {settings.threshold}")
+        for name in ("distance_tokens", "accept_samples", "accept_tokens", "max_trials"):
+            value = getattr(settings, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"kvsharer {name} must be an integer >= 1, got {value!r}")
+        if settings.order not in ORDERS:
+            raise ValueError(f"kvsharer order must be one of {ORDERS}, got {settings.order!r}")
+        if settings.metric not in METRICS:
+            raise ValueError(f"kvsharer metric must be one of {METRICS}, got {settings.metric!r}")
+        return settings
+
+    def target_count(self, num_full_layers: int) -> int:
+        """Number of layers to share for a model with ``num_full_layers`` full-attention layers (``auto``: 1/4)."""
+        value = 0.25 if self.share_layers == "auto" else self.share_layers
+        count = int(value) if isinstance(value, int) else int(math.floor(value * num_full_layers + 0.5))
+        if count > num_full_layers - 1:
+            raise ValueError(
+                f"--share-layers {value} asks for {count} shared layers, but this model has {num_full_layers} "
+                f"full-attention layers and at least one must keep its cache"
+            )
+        return count
+
+
+def parse_share_layers(value) -> float | int | str:
+    """``auto``, an integer count >= 1, or a fraction in (0, 1) (strings from the command line too)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            raise ValueError(f"--share-layers takes a count, a fraction in (0, 1) or 'auto', not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"--share-layers takes a count, a fraction in (0, 1) or 'auto', not {value!r}")
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        value = int(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"--share-layers count must be >= 0, got {value}")
+        return value
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"--share-layers fraction must be in (0, 1), got {value}")
+    return float(value)
+
+
+@dataclass
+class MeanKVObserver:
+    """Position-aligned running sums of every layer's post-RoPE K and V over the calibration samples.
+
+    ``k_sum[l]``/``v_sum[l]`` float64 ``[H_kv, T, d]`` (``T = tokens``), ``counts`` float64 ``[T]``: how many samples
+    reached each position.
+    """
+
+    num_layers: int
+    tokens: int
+    k_sum: list = field(init=False)
+    v_sum: list = field(init=False)
+    counts: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.k_sum = [None] * self.num_layers
+        self.v_sum = [None] * self.num_layers
+        self.counts = torch.zeros(self.tokens, dtype=torch.float64)
+
+    def observe(self, layer_idx, query, key, value, scaling) -> None:
+        if layer_idx >= self.num_layers:
+            return
+        n = min(self.tokens, key.shape[2])
+        if self.k_sum[layer_idx] is None:
+            shape = (key.shape[1], self.tokens, key.shape[3])
+            self.k_sum[layer_idx] = torch.zeros(shape, dtype=torch.float64)
+            self.v_sum[layer_idx] = torch.zeros((value.shape[1], self.tokens, value.shape[3]), dtype=torch.float64)
+        self.k_sum[layer_idx][:, :n] += key[0, :, :n].detach().double().cpu()
+        self.v_sum[layer_idx][:, :n] += value[0, :, :n].detach().double().cpu()
+        if layer_idx == 0:
+            self.counts[:n] += 1
+
+    def end_sample(self) -> None:
+        pass
+
+    def means(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer mean K and V ``[H_kv, T', d]`` over the positions some sample reached."""
+        reached = self.counts > 0
+        scale = self.counts[reached][None, :, None]
+        k = [s[:, reached] / scale if s is not None else None for s in self.k_sum]
+        v = [s[:, reached] / scale if s is not None else None for s in self.v_sum]
+        return k, v
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> float:
+    if metric == "flattened_l2":
+        return float(torch.linalg.vector_norm(a - b))
+    return float(torch.linalg.vector_norm(a - b, dim=-1).mean())
+
+
+def layer_distances(observer: MeanKVObserver, metric: str) -> torch.Tensor:
+    """float32 ``[2, L, L]``: K (0) and V (1) distances for ``i > j`` (0 elsewhere and for unobserved layers)."""
+    k, v = observer.means()
+    n = observer.num_layers
+    out = torch.zeros(2, n, n, dtype=torch.float32)
+    for i in range(n):
+        for j in range(i):
+            if k[i] is None or k[j] is None:
+                continue
+            out[0, i, j] = _distance(k[i], k[j], metric)
+            out[1, i, j] = _distance(v[i], v[j], metric)
+    return out
+
+
+def candidate_pairs(distances: torch.Tensor, kinds: list[str], order: str, seed: int) -> list[tuple[int, int, float]]:
+    """Pairs ``(target i, source j, distance)`` with ``i > j``, both full-attention, in search order."""
+    mean = distances.mean(dim=0)
+    pairs = [
+        (i, j, float(mean[i, j]))
+        for i in range(len(kinds))
+        for j in range(i)
+        if kinds[i] == "full_attention" and kinds[j] == "full_attention"
+    ]
+    if order == "random":
+        random.Random(seed).shuffle(pairs)
+    else:  # stable sort on the distance, ties broken by (i, j) so the order is deterministic
+        pairs.sort(key=lambda p: (-p[2] if order == "dissimilar" else p[2], p[0], p[1]))
+    return pairs
+
+
+def resolve_chains(sources: list[int]) -> list[int]:
+    """Point every layer at the root of its chain (ascending order, as in the paper's search)."""
+    out = list(sources)
+    for layer in range(len(out)):
+        if out[layer] != layer:
+            out[layer] = out[out[layer]]
+    return out
+
+
+def sharing_plan(model, sources: list[int], extra: Plan | None = None) -> Plan:
+    """A plan with ``share_source = sources`` (plus ``extra``'s PyramidInfer part when given)."""
+    tensors = {"kvsharer.share_source": torch.tensor(sources, dtype=torch.int32)}
+    methods: tuple[str, ...] = ("kvsharer",)
+    params: dict = {}
+    if extra is not None and "pyramidinfer" in extra.methods:
+        tensors["pyramidinfer.layer_keep"] = extra.tensors["pyramidinfer.layer_keep"]
+        params["pyramidinfer"] = dict(extra.params["pyramidinfer"])
+        methods = ("pyramidinfer", "kvsharer")
+    return Plan(fingerprint=fingerprint_from_model(model), methods=methods, params=params, tensors=tensors)
+
+
+class Acceptance:
+    """Scores a sharing map against the full model on fixed calibration windows (final hidden states, logits).
+
+    The full model's final hidden states (and its next-token log-probabilities at the last ``logit_positions``
+    positions of each window) are computed once; each candidate costs one forward per window through kvplan's
+    runtime (``apply_plan``), so what is accepted is exactly what will run.
+    """
+
+    def __init__(self, model, windows: Sequence[torch.Tensor], logit_positions: int = 64):
+        self.model = model
+        self.windows = [w[None, :] if w.dim() == 1 else w for w in windows]
+        self.device = next(model.parameters()).device
+        self.logit_positions = logit_positions
+        self.reference = [self._hidden(w) for w in self.windows]
+        self.reference_logprobs = [self._logprobs(h) for h in self.reference]
+        self.runs = 0
+
+    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model.get_decoder()(input_ids=ids.to(self.device), use_cache=False)
+        return out.last_hidden_state[0].float()
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        with torch.no_grad():
+            logits = head(hidden[-self.logit_positions :].to(head.weight.dtype)).float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def score(self, sources: list[int]) -> dict[str, float]:
+        """Mean per-token cosine of the final hidden states; top-1 agreement and KL(full ‖ shared) of the
+        next-token distributions at the last ``logit_positions`` positions of each window."""
+        cos, agree, kl, count, n_logits = 0.0, 0.0, 0.0, 0, 0
+        with apply_plan(self.model, sharing_plan(self.model, sources)):
+            for ids, ref, ref_lp in zip(self.windows, self.reference, self.reference_logprobs):
+                hidden = self._hidden(ids)
+                cos += float(torch.nn.functional.cosine_similarity(hidden, ref, dim=-1).sum())
+                new_lp = self._logprobs(hidden)
+                agree += float((ref_lp.argmax(-1) == new_lp.argmax(-1)).sum())
+                kl += float((ref_lp.exp() * (ref_lp - new_lp)).sum(-1).clamp(min=0).sum())
+                count += hidden.shape[0]
+                n_logits += ref_lp.shape[0]
+        self.runs += 1
+        return {"cosine": cos / count, "top1": agree / n_logits, "kl": kl / n_logits}
+
+
+@dataclass
+class SearchResult:
+    """The accepted map and the full log of the search.
+
+    ``steps[k]`` is the (chain-resolved) map after ``k + 1`` acceptances, so ``steps[:k]`` give the maps for fewer
+    shared layers (used by the joint split search with PyramidInfer).
+    """
+
+    sources: list[int]
+    log: list[dict]
+    steps: list[list[int]]
+    target: int
+    trials: int
+    seconds: float
+    final: dict[str, float] | None
+    distances: torch.Tensor | None = None  # float32 [2, L, L] (K, V), filled in by the caller
+
+
+def greedy_search(
+    acceptance: Acceptance,
+    pairs: list[tuple[int, int, float]],
+    num_layers: int,
+    target: int,
+    settings: SharerSettings,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """The paper's greedy loop, bounded by ``settings.max_trials``; every candidate is logged."""
+    start = time.perf_counter()
+    sources = list(range(num_layers))
+    targets: set[int] = set()
+    entries: list[dict] = []
+    steps: list[list[int]] = []
+    final = None
+    for target_layer, source_layer, dist in pairs:
+        if len(targets) >= target or len(entries) >= settings.max_trials:
+            break
+        if target_layer in targets:
+            continue
+        candidate = list(sources)
+        candidate[target_layer] = source_layer
+        candidate = resolve_chains(candidate)
+        scores = acceptance.score(candidate)
+        accepted = scores["cosine"] >= settings.threshold
+        entries.append(
+            {"target": target_layer, "source": source_layer, "resolved_source": candidate[target_layer],
+             "distance": round(dist, 6), **{k: round(v, 6) for k, v in scores.items()}, "accepted": accepted}
+        )
+        if progress is not None:
+            progress(
+                f"kvsharer: try {target_layer}<-{source_layer} (distance {dist:.3f}): cosine {scores['cosine']:.4f} "
+                f"top-1 {scores['top1']:.3f} KL {scores['kl']:.4f} -> {'accepted' if accepted else 'rejected'}"
+            )
+        if accepted:
+            sources = candidate
+            targets.add(target_layer)
+            steps.append(list(sources))
+            final = scores
+    return SearchResult(
+        sources=sources, log=entries, steps=steps, target=target, trials=len(entries),
+        seconds=time.perf_counter() - start, final=final,
+    )
+
+
+def acceptance_windows(samples: Sequence[torch.Tensor], settings: SharerSettings) -> list[torch.Tensor]:
+    """The first ``accept_tokens`` tokens of the first ``accept_samples`` calibration samples."""
+    return [s[: settings.accept_tokens] for s in samples[: settings.accept_samples]]
+
+
+def search_log_tensor(entries: list[dict]) -> torch.Tensor:
+    """float32 ``[trials, 7]``: target, source (resolved), distance, cosine, top-1, KL, accepted (1/0)."""
+    rows = [
+        [e["target"], e["resolved_source"], e["distance"], e["cosine"], e["top1"], e["kl"], float(e["accepted"])]
+        for e in entries
+    ]
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 7)
+
+
+__all__ = [
+    "SharerSettings", "MeanKVObserver", "Acceptance", "SearchResult", "layer_distances", "candidate_pairs",
+    "resolve_chains", "greedy_search", "acceptance_windows", "sharing_plan", "search_log_tensor",
+    "parse_share_layers",
+]
