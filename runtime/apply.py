@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from . import attention
-from .cache import install_plan_layers, layer_specs
+from .cache import cache_argument, install_plan_layers, layer_specs
 from .kvsharer import restore_projections, skip_projections
 from .plan import Plan, PlanError, load_plan
 from .pyramidinfer import BudgetedLayer
@@ -65,10 +65,11 @@ class _CacheHook:
         # a sharing layer's k/v projections are skipped, so it needs its source's cache even without use_cache
         self.needs_cache = any(spec.source != idx for idx, spec in enumerate(self.layer_specs))
         self.config = model.config
+        self.cache_name = cache_argument(_decoder(model))  # `cache` in recent transformers, `past_key_values` before
 
     def __call__(self, module, args, kwargs):
         _refuse_empty_input(args, kwargs)
-        name = next((k for k in _CACHE_KWARGS if k in kwargs), _CACHE_KWARGS[0])
+        name = next((k for k in _CACHE_KWARGS if k in kwargs), self.cache_name)
         cache = kwargs.get(name)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:

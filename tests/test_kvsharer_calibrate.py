@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+import transformers
 from test_calibrate import _calibrate, tiny_dir  # noqa: F401  (fixture)
 
 import runtime
@@ -116,3 +116,33 @@ def test_cli_joint_split_meets_the_target_ratio(tmp_path, tiny_dir, caplog):  # 
     keep = plan.tensors["pyramidinfer.layer_keep"]
     owners = [l for l, s in enumerate(sources) if s == l]
     assert float(keep[owners].sum()) / 4 == pytest.approx(0.5, abs=0.02)
+
+
+def test_joint_split_scores_every_candidate_and_keeps_the_total_budget(tiny_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibrate.recipe import resolve_recipe
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    recipe = resolve_recipe(str(tiny_dir)).with_overrides(
+        methods=["pyramidinfer", "kvsharer"], target_ratio=0.4, max_seq_length=256, num_calibration_samples=3,
+        method_args={"kvsharer": {"threshold": 0.0, "accept_tokens": 64}},
+    )
+    result = calibrate_model(model, tokenizer, recipe, progress=False)
+    split = result.report["split"]
+    assert [row["shared_layers"] for row in split] == [0, 1, 2]  # 1/8, 1/4, 3/8 of 4 layers, rounded
+    assert sum(row["chosen"] for row in split) == 1
+    for row in split:  # every split keeps the same total: shared layers hold nothing, owners make up the rest
+        assert row["kept_ratio"] == pytest.approx(0.4, abs=0.02)
+    chosen = next(row for row in split if row["chosen"])
+    assert chosen["kl"] == min(row["kl"] for row in split)
+    sources = result.plan.tensors["kvsharer.share_source"].tolist()
+    assert sum(1 for l, s in enumerate(sources) if s != l) == chosen["shared_layers"]
+    # the plan runs and holds what it promises
+    plan = result.plan
+    ids = torch.randint(3, 100, (1, 200), generator=torch.Generator().manual_seed(0))
+    cache = transformers.DynamicCache(config=model.config)
+    with runtime.apply_plan(model, plan), torch.no_grad():
+        model(ids, past_key_values=cache)
+    assert runtime.physical_bytes(cache) <= 0.5 * runtime.stock_bytes(model.config, 200)
