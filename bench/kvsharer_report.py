@@ -64,12 +64,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--continuation", type=int, default=32, help="teacher-forced tokens after each context")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="passkey depths")
     p.add_argument("--trials", type=int, default=2, help="passkey cases per depth")
+    p.add_argument("--reuse", action="store_true", help="load plans already in --plans-dir instead of recalibrating")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def calibrate_variant(model, tokenizer, recipe, name: str, path: Path, **overrides) -> dict:
+def calibrate_variant(model, tokenizer, recipe, name: str, path: Path, reuse: bool = False, **overrides) -> dict:
+    if reuse and path.exists():
+        plan = Plan.load(path)
+        log(f"reusing {path} for {name}")
+        sources = plan.tensors.get("kvsharer.share_source")
+        search = plan.provenance.get("kvsharer_search") or {}
+        shared = [l for l, s in enumerate(sources.tolist()) if s != l] if sources is not None else None
+        return {
+            "name": name, "path": str(path), "calibration_seconds": plan.provenance.get("calibration_seconds"),
+            "kvsharer": {"shared_layers": shared, "trials": search.get("trials")} if shared is not None else None,
+            "split": plan.provenance.get("joint_split"), "pyramidinfer": None,
+        }
     log(f"calibrating {name} ...")
     variant = recipe.with_overrides(**overrides)
     result = calibrate_model(model, tokenizer, variant, progress=False)
@@ -95,27 +107,29 @@ def main(argv=None) -> int:
     if args.max_trials is not None:
         kvs_args["max_trials"] = args.max_trials
     variants = []
+    reuse = args.reuse
     for order in [o.strip() for o in args.orders.split(",") if o.strip()]:
-        path = args.plans_dir / f"{alias}-kvsharer-{order}.safetensors"
         variants.append(calibrate_variant(
-            model, tokenizer, recipe, f"kvsharer {order} (ranking only)", path, methods=["kvsharer"],
+            model, tokenizer, recipe, f"kvsharer {order} (ranking only)",
+            args.plans_dir / f"{alias}-kvsharer-{order}.safetensors", reuse, methods=["kvsharer"],
             method_args={"kvsharer": {**kvs_args, "order": order, "threshold": args.ablation_threshold}},
         ))
     variants.append(calibrate_variant(
         model, tokenizer, recipe, "kvsharer dissimilar (threshold)",
-        args.plans_dir / f"{alias}-kvsharer.safetensors", methods=["kvsharer"],
+        args.plans_dir / f"{alias}-kvsharer.safetensors", reuse, methods=["kvsharer"],
         method_args={"kvsharer": {**kvs_args, "order": "dissimilar"}},
     ))
     if not args.no_composed:
         ratio = args.target_ratio
         variants.append(calibrate_variant(
-            model, tokenizer, recipe, f"pyramidinfer {ratio}", args.plans_dir / f"{alias}-pyramid-r{ratio}.safetensors",
+            model, tokenizer, recipe, f"pyramidinfer {ratio}",
+            args.plans_dir / f"{alias}-pyramid-r{ratio}.safetensors", reuse,
             methods=["pyramidinfer"], target_ratio=ratio,
         ))
         composed_args = {k: v for k, v in kvs_args.items() if k != "share_layers"}
         variants.append(calibrate_variant(
             model, tokenizer, recipe, f"pyramidinfer+kvsharer {ratio}",
-            args.plans_dir / f"{alias}-pyramid-kvsharer-r{ratio}.safetensors",
+            args.plans_dir / f"{alias}-pyramid-kvsharer-r{ratio}.safetensors", reuse,
             methods=["pyramidinfer", "kvsharer"], target_ratio=ratio,
             method_args={"kvsharer": {**composed_args, "share_layers": "auto"}},
         ))

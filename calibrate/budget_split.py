@@ -21,8 +21,9 @@ from runtime.plan import Plan
 
 
 def split_candidates(num_full_layers: int, available: int) -> list[int]:
-    """Shared-layer counts to try: none, 1/8, 1/4 and 3/8 of the full-attention layers (as far as accepted)."""
-    wanted = {0} | {int(num_full_layers * f + 0.5) for f in (0.125, 0.25, 0.375)}
+    """Shared-layer counts to try: none, 1, 2, 1/8, 1/4 and 3/8 of the full-attention layers, and every layer
+    the search accepted — as far as it accepted them."""
+    wanted = {0, 1, 2, available} | {int(num_full_layers * f + 0.5) for f in (0.125, 0.25, 0.375)}
     return sorted(c for c in wanted if c <= available)
 
 

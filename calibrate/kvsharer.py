@@ -33,7 +33,7 @@ from runtime.plan import Plan, fingerprint_from_model
 
 log = logging.getLogger(__name__)
 
-ORDERS = ("dissimilar", "similar", "random")
+ORDERS = ("dissimilar", "similar", "random", "attention_error")
 METRICS = ("flattened_l2", "mean_per_vector_l2")
 
 
@@ -49,7 +49,8 @@ class SharerSettings:
         distance_tokens: positions of each sample whose K/V are averaged for the distances.
         accept_samples / accept_tokens: windows (of the calibration samples) each candidate is scored on.
         max_trials: most candidates tried (each costs one run over the acceptance windows).
-        order: ``dissimilar`` (paper), ``similar`` or ``random`` (ablations).
+        order: ``dissimilar`` (paper), ``similar`` or ``random`` (ablations), or ``attention_error`` (kvplan's:
+            pairs whose sharing changes the target layer's attention output least on the calibration samples).
         metric: ``flattened_l2`` (paper) or ``mean_per_vector_l2`` (official code).
     """
 
@@ -162,6 +163,59 @@ class MeanKVObserver:
         return k, v
 
 
+@dataclass
+class AttentionErrorObserver:
+    """How much each layer's attention output changes when it reads an earlier layer's K/V instead of its own.
+
+    For every sample, over its first ``tokens`` positions: ``err[i, j] += ||A(q_i, k_j, v_j) - A(q_i, k_i, v_i)||
+    / ||A(q_i, k_i, v_i)||`` (causal attention, all heads), for ``i > j``. This measures the sharing itself, one
+    pair at a time, from the same short pass as the distances — no model re-runs.
+    """
+
+    num_layers: int
+    tokens: int
+    error: torch.Tensor = field(init=False)
+    samples: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.error = torch.zeros(self.num_layers, self.num_layers, dtype=torch.float64)
+        self._held: dict[int, tuple] = {}
+
+    def observe(self, layer_idx, query, key, value, scaling) -> None:
+        if layer_idx >= self.num_layers:
+            return
+        n = min(self.tokens, key.shape[2])
+        self._held[layer_idx] = (query[:, :, :n].float(), key[:, :, :n].float(), value[:, :, :n].float(), scaling)
+
+    def end_sample(self) -> None:
+        layers = sorted(self._held)
+        with torch.no_grad():
+            for i in layers:
+                q, k, v, scale = self._held[i]
+                own = _causal_attention(q, k, v, scale)
+                norm = own.norm().clamp(min=1e-12)
+                for j in layers:
+                    if j >= i:
+                        break
+                    _, kj, vj, _ = self._held[j]
+                    if kj.shape != k.shape:
+                        continue
+                    self.error[i, j] += float((_causal_attention(q, kj, vj, scale) - own).norm() / norm)
+        self.samples += 1
+        self._held.clear()
+
+    def mean(self) -> torch.Tensor:
+        """float32 ``[L, L]`` mean relative error (0 where not observed)."""
+        return (self.error / max(self.samples, 1)).float()
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
 def _distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> float:
     if metric == "flattened_l2":
         return float(torch.linalg.vector_norm(a - b))
@@ -182,9 +236,25 @@ def layer_distances(observer: MeanKVObserver, metric: str) -> torch.Tensor:
     return out
 
 
-def candidate_pairs(distances: torch.Tensor, kinds: list[str], order: str, seed: int) -> list[tuple[int, int, float]]:
-    """Pairs ``(target i, source j, distance)`` with ``i > j``, both full-attention, in search order."""
+def candidate_pairs(
+    distances: torch.Tensor, kinds: list[str], order: str, seed: int, attention_error: torch.Tensor | None = None
+) -> list[tuple[int, int, float]]:
+    """Pairs ``(target i, source j, distance)`` with ``i > j``, both full-attention, in search order.
+
+    ``attention_error`` order: ascending attention-output error (``AttentionErrorObserver``), ties by distance.
+    """
     mean = distances.mean(dim=0)
+    if order == "attention_error":
+        if attention_error is None:
+            raise ValueError("order 'attention_error' needs the attention errors of the calibration pass")
+        pairs = [
+            (i, j, float(mean[i, j]))
+            for i in range(len(kinds))
+            for j in range(i)
+            if kinds[i] == "full_attention" and kinds[j] == "full_attention"
+        ]
+        pairs.sort(key=lambda p: (float(attention_error[p[0], p[1]]), p[0], p[1]))
+        return pairs
     pairs = [
         (i, j, float(mean[i, j]))
         for i in range(len(kinds))
@@ -280,6 +350,7 @@ class SearchResult:
     seconds: float
     final: dict[str, float] | None
     distances: torch.Tensor | None = None  # float32 [2, L, L] (K, V), filled in by the caller
+    attention_error: torch.Tensor | None = None  # float32 [L, L] with order attention_error
 
 
 def greedy_search(
@@ -342,7 +413,7 @@ def search_log_tensor(entries: list[dict]) -> torch.Tensor:
 
 
 __all__ = [
-    "SharerSettings", "MeanKVObserver", "Acceptance", "SearchResult", "layer_distances", "candidate_pairs",
+    "SharerSettings", "MeanKVObserver", "AttentionErrorObserver", "Acceptance", "SearchResult", "layer_distances", "candidate_pairs",
     "resolve_chains", "greedy_search", "acceptance_windows", "sharing_plan", "search_log_tensor",
     "parse_share_layers",
 ]

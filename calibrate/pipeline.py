@@ -144,6 +144,8 @@ def calibrate_model(
         tensors["kvsharer.share_source"] = torch.tensor(search.sources, dtype=torch.int32)
         tensors["kvsharer.distance"] = search.distances
         tensors["kvsharer.search_log"] = kvsharer.search_log_tensor(search.log)
+        if search.attention_error is not None:
+            tensors["kvsharer.attention_error"] = search.attention_error
         shared = [l for l, src in enumerate(search.sources) if src != l]
         report["kvsharer"] = {
             "shared_layers": shared,
@@ -204,21 +206,28 @@ def _search_sharing(model, samples, kinds, recipe: Recipe, methods, bar, progres
     if n_full < 2:
         raise CalibrationError("KVSharer needs at least two full-attention layers (one to own, one to share)")
     if _split_is_searched(recipe, methods):
-        target = max(split_candidates(n_full, n_full - 1))
+        target = int(n_full * 0.375 + 0.5)  # the largest split tried
     else:
         try:
             target = settings.target_count(n_full)
         except ValueError as exc:
             raise CalibrationError(str(exc)) from None
     observer = kvsharer.MeanKVObserver(len(kinds), settings.distance_tokens)
+    observers = [observer]
+    errors = None
+    if settings.order == "attention_error":
+        errors = kvsharer.AttentionErrorObserver(len(kinds), settings.distance_tokens)
+        observers.append(errors)
     short = [s[: settings.distance_tokens] for s in samples]
-    seconds = run_calibration_pass(model, short, [observer], progress=bar)
+    seconds = run_calibration_pass(model, short, observers, progress=bar)
     distances = kvsharer.layer_distances(observer, settings.metric)
-    pairs = kvsharer.candidate_pairs(distances, kinds, settings.order, settings.seed)
+    error_matrix = errors.mean() if errors is not None else None
+    pairs = kvsharer.candidate_pairs(distances, kinds, settings.order, settings.seed, error_matrix)
     acceptance = kvsharer.Acceptance(model, kvsharer.acceptance_windows(samples, settings))
     say = log.info if progress else log.debug
     result = kvsharer.greedy_search(acceptance, pairs, len(kinds), target, settings, progress=say)
     result.distances = distances
+    result.attention_error = error_matrix
     say(
         "kvsharer: %d of %d layers shared after %d trials (%.1f s): %s",
         sum(1 for l, s in enumerate(result.sources) if s != l), target, result.trials, result.seconds,

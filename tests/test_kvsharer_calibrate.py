@@ -131,7 +131,7 @@ def test_joint_split_scores_every_candidate_and_keeps_the_total_budget(tiny_dir)
     )
     result = calibrate_model(model, tokenizer, recipe, progress=False)
     split = result.report["split"]
-    assert [row["shared_layers"] for row in split] == [0, 1, 2]  # 1/8, 1/4, 3/8 of 4 layers, rounded
+    assert [row["shared_layers"] for row in split] == [0, 1, 2]  # 1, 2 and 1/8, 1/4, 3/8 of 4, rounded
     assert sum(row["chosen"] for row in split) == 1
     for row in split:  # every split keeps the same total: shared layers hold nothing, owners make up the rest
         assert row["kept_ratio"] == pytest.approx(0.4, abs=0.02)
@@ -146,3 +146,27 @@ def test_joint_split_scores_every_candidate_and_keeps_the_total_budget(tiny_dir)
     with runtime.apply_plan(model, plan), torch.no_grad():
         model(ids, past_key_values=cache)
     assert runtime.physical_bytes(cache) <= 0.5 * runtime.stock_bytes(model.config, 200)
+
+
+def test_attention_error_order_ranks_pairs_by_measured_output_change(llama):
+    samples = _samples(n=2, length=48)
+    errors = kvsharer.AttentionErrorObserver(4, 32)
+    obs = kvsharer.MeanKVObserver(4, 32)
+    run_calibration_pass(llama, samples, [obs, errors])
+    err = errors.mean()
+    assert errors.samples == 2
+    assert torch.all(err.triu() == 0) and torch.all(err.tril(-1)[[1, 2, 2, 3, 3, 3], [0, 0, 1, 0, 1, 2]] > 0)
+    pairs = kvsharer.candidate_pairs(kvsharer.layer_distances(obs, "flattened_l2"), ["full_attention"] * 4,
+                                     "attention_error", 0, err)
+    values = [float(err[i, j]) for i, j, _ in pairs]
+    assert values == sorted(values) and len(pairs) == 6
+    with pytest.raises(ValueError, match="attention errors"):
+        kvsharer.candidate_pairs(err[None].expand(2, 4, 4), ["full_attention"] * 4, "attention_error", 0)
+    # identical K/V give zero error: a layer compared with itself through the same tensors
+    q = torch.randn(1, 4, 8, 16)
+    k = torch.randn(1, 2, 8, 16)
+    same = kvsharer.AttentionErrorObserver(2, 8)
+    same.observe(0, q, k, k, 0.25)
+    same.observe(1, q, k, k, 0.25)
+    same.end_sample()
+    assert float(same.mean()[1, 0]) == pytest.approx(0.0, abs=1e-6)
