@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m", help="recipe alias (default: %(default)s)")
     p.add_argument("--share-layers", default="0.25", help="shared layers for the order ablation (count or fraction)")
     p.add_argument("--target-ratio", type=float, default=0.25, help="memory target of the composed plan")
-    p.add_argument("--orders", default="dissimilar,similar,random", help="pair orders to compare")
+    p.add_argument("--orders", default="dissimilar,similar,random,attention_error", help="pair orders to compare")
     p.add_argument("--threshold", type=float, default=None, help="acceptance threshold (default: the recipe's)")
     p.add_argument(
         "--ablation-threshold", type=float, default=0.0,
@@ -114,11 +114,14 @@ def main(argv=None) -> int:
             args.plans_dir / f"{alias}-kvsharer-{order}.safetensors", reuse, methods=["kvsharer"],
             method_args={"kvsharer": {**kvs_args, "order": order, "threshold": args.ablation_threshold}},
         ))
-    variants.append(calibrate_variant(
-        model, tokenizer, recipe, "kvsharer dissimilar (threshold)",
-        args.plans_dir / f"{alias}-kvsharer.safetensors", reuse, methods=["kvsharer"],
-        method_args={"kvsharer": {**kvs_args, "order": "dissimilar"}},
-    ))
+    for order in ("dissimilar", recipe.args_for("kvsharer").get("order", "dissimilar")):
+        variants.append(calibrate_variant(
+            model, tokenizer, recipe, f"kvsharer {order} (threshold)",
+            args.plans_dir / f"{alias}-kvsharer-{order}-threshold.safetensors", reuse, methods=["kvsharer"],
+            method_args={"kvsharer": {**kvs_args, "order": order}},
+        ))
+        if order == "dissimilar" and recipe.args_for("kvsharer").get("order", "dissimilar") == "dissimilar":
+            break
     if not args.no_composed:
         ratio = args.target_ratio
         variants.append(calibrate_variant(

@@ -368,6 +368,7 @@ def greedy_search(
     entries: list[dict] = []
     steps: list[list[int]] = []
     final = None
+    tried: set[tuple[int, ...]] = set()
     for target_layer, source_layer, dist in pairs:
         if len(targets) >= target or len(entries) >= settings.max_trials:
             break
@@ -376,6 +377,9 @@ def greedy_search(
         candidate = list(sources)
         candidate[target_layer] = source_layer
         candidate = resolve_chains(candidate)
+        if tuple(candidate) in tried:  # chains made it the same map as one already scored
+            continue
+        tried.add(tuple(candidate))
         scores = acceptance.score(candidate)
         accepted = scores["cosine"] >= settings.threshold
         entries.append(

@@ -224,7 +224,7 @@ def test_with_overrides() -> None:
     assert (changed.target_ratio, changed.dataset) == (base.target_ratio, base.dataset)
     assert base.seed == 42  # the original is untouched
     merged = base.with_overrides(method_args={"pyramidinfer": {"window": 64}, "kcache": {"bits": 4}})
-    kvsharer = {"share_layers": "auto", "threshold": 0.95, "order": "dissimilar"}
+    kvsharer = {"share_layers": "auto", "threshold": 0.95, "order": "attention_error"}
     assert merged.method_args == {
         "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"}, "kcache": {"bits": 4}, "kvsharer": kvsharer
     }
