@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from runtime.apply import apply_plan
+from runtime.cache import cache_argument
 from runtime.plan import Plan
 
 
@@ -54,12 +55,13 @@ class ContinuationFidelity:
 
     def score(self, plan: Plan) -> dict[str, float]:
         kl, agree, count = 0.0, 0.0, 0
+        name = cache_argument(self.model)
         with apply_plan(self.model, plan), torch.no_grad():
             for ids, ref in zip(self.windows, self.reference):
                 cache = DynamicCache(config=self.model.config)
                 context, cont = ids[:, : -self.continuation], ids[:, -self.continuation :]
-                self.model(context, past_key_values=cache, logits_to_keep=1)
-                logits = self.model(cont, past_key_values=cache).logits[0]
+                self.model(context, logits_to_keep=1, **{name: cache})
+                logits = self.model(cont, **{name: cache}).logits[0]
                 new = torch.log_softmax(logits.float(), dim=-1)
                 kl += float((ref.exp() * (ref - new)).sum(-1).clamp(min=0).sum())
                 agree += float((ref.argmax(-1) == new.argmax(-1)).sum())
