@@ -18,7 +18,6 @@ Progress on stderr, the markdown report on stdout (and ``--markdown``), raw numb
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,18 +28,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.pyramidinfer_report import DEFAULT_DATA, log, write_outputs  # noqa: E402  (shared bench helpers)
 from calibrate.models import load_model  # noqa: E402
 from calibrate.pipeline import calibrate_model  # noqa: E402
 from calibrate.recipe import resolve_recipe  # noqa: E402
 from runtime.evaluation.harness import EvalSettings, evaluate  # noqa: E402
 from runtime.evaluation.methods import full_cache, plan_method  # noqa: E402
 from runtime.plan import Plan  # noqa: E402
-
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "paul_graham_essays"
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,10 +143,7 @@ def main(argv=None) -> int:
     report["variants"] = variants
     markdown = render(report)
     print(markdown)
-    if args.markdown:
-        args.markdown.write_text(markdown + "\n")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_outputs(markdown + "\n", report, args.markdown, args.json)
     return 0
 
 

@@ -75,6 +75,16 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(text: str, report: dict[str, Any], markdown: Path | None, json_path: Path | None) -> None:
+    """Write a bench script's markdown report and raw JSON (either path may be None), creating folders."""
+    if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -524,12 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         report["speed"] = run_speed(model, plans, tokens, args)
     text = render_report(report, args)
     print(text)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_outputs(text, report, args.markdown, args.json)
     return 0
 
 

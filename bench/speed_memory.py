@@ -61,12 +61,12 @@ if str(REPO_ROOT) not in sys.path:
 
 import runtime  # noqa: E402
 
+from bench.pyramidinfer_report import write_outputs as write_report_files  # noqa: E402
 from bench.pyramidinfer_report import (  # noqa: E402  (one set of helpers for the bench scripts)
     DEFAULT_DATA,
     cache_kwarg,
     compressed_ratio,
     environment,
-    fmt,
     load_model,
     load_token_stream,
     log,
@@ -599,12 +599,7 @@ def write_outputs(report: dict[str, Any], args, final: bool) -> str:
     text = render_markdown(report, args)
     if not final:
         text = "**PARTIAL: the run was still going when this was written.**\n\n" + text
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report_files(text, report, args.markdown, args.json)
     return text
 
 

@@ -11,20 +11,27 @@ distributions are compared with the full cache's (KL, top-1). The split with the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from runtime.apply import apply_plan
 from runtime.cache import cache_argument
+from runtime.evaluation.lm import agreement_and_kl
 from runtime.plan import Plan
+
+SPLIT_FRACTIONS = (0.125, 0.25, 0.375)  # shares of the full-attention layers tried as splits
+
+
+def largest_split(num_full_layers: int) -> int:
+    """The most layers any split shares (what the sharing search is asked to find)."""
+    return int(num_full_layers * SPLIT_FRACTIONS[-1] + 0.5)
 
 
 def split_candidates(num_full_layers: int, available: int) -> list[int]:
     """Shared-layer counts to try: none, 1, 2, 1/8, 1/4 and 3/8 of the full-attention layers, and every layer
     the search accepted — as far as it accepted them."""
-    wanted = {0, 1, 2, available} | {int(num_full_layers * f + 0.5) for f in (0.125, 0.25, 0.375)}
+    wanted = {0, 1, 2, available} | {int(num_full_layers * f + 0.5) for f in SPLIT_FRACTIONS}
     return sorted(c for c in wanted if c <= available)
 
 
@@ -62,22 +69,11 @@ class ContinuationFidelity:
                 context, cont = ids[:, : -self.continuation], ids[:, -self.continuation :]
                 self.model(context, logits_to_keep=1, **{name: cache})
                 logits = self.model(cont, **{name: cache}).logits[0]
-                new = torch.log_softmax(logits.float(), dim=-1)
-                kl += float((ref.exp() * (ref - new)).sum(-1).clamp(min=0).sum())
-                agree += float((ref.argmax(-1) == new.argmax(-1)).sum())
+                stats = agreement_and_kl(ref, torch.log_softmax(logits.float(), dim=-1))
+                kl += float(stats["kl"].sum())
+                agree += float(stats["agree"].sum())
                 count += ref.shape[0]
         return {"kl": kl / count, "top1": agree / count}
 
 
-@dataclass
-class SplitChoice:
-    shared: int
-    sources: list[int]
-    keep: torch.Tensor
-    report: dict
-    curves: torch.Tensor
-    captured: torch.Tensor
-    table: list[dict]
-
-
-__all__ = ["split_candidates", "ContinuationFidelity", "SplitChoice"]
+__all__ = ["split_candidates", "largest_split", "ContinuationFidelity"]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.apply import apply_plan
+from runtime.evaluation.lm import agreement_and_kl
 from runtime.plan import Plan, fingerprint_from_model
 
 log = logging.getLogger(__name__)
@@ -243,18 +244,9 @@ def candidate_pairs(
 
     ``attention_error`` order: ascending attention-output error (``AttentionErrorObserver``), ties by distance.
     """
+    if order == "attention_error" and attention_error is None:
+        raise ValueError("order 'attention_error' needs the attention errors of the calibration pass")
     mean = distances.mean(dim=0)
-    if order == "attention_error":
-        if attention_error is None:
-            raise ValueError("order 'attention_error' needs the attention errors of the calibration pass")
-        pairs = [
-            (i, j, float(mean[i, j]))
-            for i in range(len(kinds))
-            for j in range(i)
-            if kinds[i] == "full_attention" and kinds[j] == "full_attention"
-        ]
-        pairs.sort(key=lambda p: (float(attention_error[p[0], p[1]]), p[0], p[1]))
-        return pairs
     pairs = [
         (i, j, float(mean[i, j]))
         for i in range(len(kinds))
@@ -263,6 +255,8 @@ def candidate_pairs(
     ]
     if order == "random":
         random.Random(seed).shuffle(pairs)
+    elif order == "attention_error":
+        pairs.sort(key=lambda p: (float(attention_error[p[0], p[1]]), p[0], p[1]))
     else:  # stable sort on the distance, ties broken by (i, j) so the order is deterministic
         pairs.sort(key=lambda p: (-p[2] if order == "dissimilar" else p[2], p[0], p[1]))
     return pairs
@@ -304,7 +298,6 @@ class Acceptance:
         self.logit_positions = logit_positions
         self.reference = [self._hidden(w) for w in self.windows]
         self.reference_logprobs = [self._logprobs(h) for h in self.reference]
-        self.runs = 0
 
     def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -325,12 +318,11 @@ class Acceptance:
             for ids, ref, ref_lp in zip(self.windows, self.reference, self.reference_logprobs):
                 hidden = self._hidden(ids)
                 cos += float(torch.nn.functional.cosine_similarity(hidden, ref, dim=-1).sum())
-                new_lp = self._logprobs(hidden)
-                agree += float((ref_lp.argmax(-1) == new_lp.argmax(-1)).sum())
-                kl += float((ref_lp.exp() * (ref_lp - new_lp)).sum(-1).clamp(min=0).sum())
+                stats = agreement_and_kl(ref_lp, self._logprobs(hidden))
+                agree += float(stats["agree"].sum())
+                kl += float(stats["kl"].sum())
                 count += hidden.shape[0]
                 n_logits += ref_lp.shape[0]
-        self.runs += 1
         return {"cosine": cos / count, "top1": agree / n_logits, "kl": kl / n_logits}
 
 

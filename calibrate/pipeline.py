@@ -19,7 +19,7 @@ from runtime.cache import layer_types
 from runtime.plan import Plan, fingerprint_from_model
 
 from . import kvsharer, pyramidinfer
-from .budget_split import ContinuationFidelity, split_candidates
+from .budget_split import ContinuationFidelity, largest_split, split_candidates
 from .collect import run_calibration_pass
 from .data import build_calibration_set
 from .models import load_model
@@ -206,7 +206,7 @@ def _search_sharing(model, samples, kinds, recipe: Recipe, methods, bar, progres
     if n_full < 2:
         raise CalibrationError("KVSharer needs at least two full-attention layers (one to own, one to share)")
     if _split_is_searched(recipe, methods):
-        target = int(n_full * 0.375 + 0.5)  # the largest split tried
+        target = largest_split(n_full)
     else:
         try:
             target = settings.target_count(n_full)
@@ -244,11 +244,8 @@ def _choose_split(model, samples, kinds, search, settings, allocate):
     table, best = [], None
     for count in split_candidates(n_full, len(search.steps)):
         sources = search.steps[count - 1] if count else identity
-        keep, pyr_report, _, _ = allocate(sources if count else None)
-        plan = kvsharer.sharing_plan(model, sources, _pyramid_plan(model, keep, settings))
-        if not count:
-            plan = _pyramid_plan(model, keep, settings)
-        scores = fidelity.score(plan)
+        keep, pyr_report, _, _ = allocate(sources)  # the identity map allocates as PyramidInfer alone does
+        scores = fidelity.score(kvsharer.sharing_plan(model, sources, _pyramid_plan(model, keep, settings)))
         owners = [l for l in range(len(kinds)) if sources[l] == l and kinds[l] == "full_attention"]
         row = {
             "shared_layers": count,

@@ -79,9 +79,6 @@ class SharedLayer(DynamicLayer):
     def kept_length(self) -> int:
         return 0
 
-    def physical_bytes(self) -> int:
-        return 0
-
 
 class SkippedProjection(torch.nn.Module):
     """Stand-in for a sharing layer's k/v projection: no weights read, no matmul.

@@ -15,11 +15,18 @@ from .decoding import RunStats, teacher_forced
 from .methods import Method
 
 
-def compare(full: torch.Tensor, other: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-position ``[B, C]`` statistics from log-probabilities ``[B, C, V]`` and target ids ``[B, C]``."""
+def agreement_and_kl(full: torch.Tensor, other: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per position: top-1 agreement (1.0/0.0) and KL(full ‖ other), from log-probabilities ``[..., V]``."""
     return {
         "agree": (full.argmax(-1) == other.argmax(-1)).float(),
         "kl": (full.exp() * (full - other)).sum(-1).clamp(min=0.0),
+    }
+
+
+def compare(full: torch.Tensor, other: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position ``[B, C]`` statistics from log-probabilities ``[B, C, V]`` and target ids ``[B, C]``."""
+    return {
+        **agreement_and_kl(full, other),
         "nll_full": -full.gather(-1, targets[..., None]).squeeze(-1),
         "nll_method": -other.gather(-1, targets[..., None]).squeeze(-1),
     }
