@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.metadata
 
     import transformers
-    from calibrate.models import load_model
+    from runtime.models import load_model
     from calibrate.recipe import resolve_recipe
 
     started = time.perf_counter()

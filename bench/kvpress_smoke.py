@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.metadata
 
     import transformers
-    from calibrate.models import load_model
+    from runtime.models import load_model
     from calibrate.recipe import resolve_recipe
 
     loaded = load_model(resolve_recipe("smollm2-135m"), progress=False)

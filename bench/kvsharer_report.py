@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.pyramidinfer_report import DEFAULT_DATA, log, write_outputs  # noqa: E402  (shared bench helpers)
-from calibrate.models import load_model  # noqa: E402
+from runtime.models import load_model  # noqa: E402
 from calibrate.pipeline import calibrate_model  # noqa: E402
 from calibrate.recipe import resolve_recipe  # noqa: E402
 from runtime.evaluation.harness import EvalSettings, evaluate  # noqa: E402

@@ -106,7 +106,7 @@ def load_model(spec: str) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     else:
-        from calibrate.models import load_model as load_recipe_model
+        from runtime.models import load_model as load_recipe_model
         from calibrate.recipe import resolve_recipe
 
         loaded = load_recipe_model(resolve_recipe(spec))

@@ -18,7 +18,6 @@ Tokenization of a document:
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import json
 import logging
 import random
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from runtime import resources
 
 from .recipe import Recipe
 
@@ -43,7 +44,7 @@ __all__ = [
     "load_documents",
 ]
 
-#: ``builtin:<name>`` datasets and their files in the package data ``calibrate/data``.
+#: ``builtin:<name>`` datasets and their files in the package data ``runtime/data`` (``runtime.resources``).
 BUILTIN_DATASETS: dict[str, str] = {"self-instruct": "self_instruct.jsonl"}
 
 _INSTRUCTION_FIELDS = ("instruction", "input", "output")
@@ -86,7 +87,7 @@ def _builtin_documents(name: str) -> list[Document]:
             f"unknown built-in dataset 'builtin:{name}'; known: "
             + ", ".join(f"builtin:{key}" for key in BUILTIN_DATASETS)
         )
-    resource = importlib.resources.files("calibrate").joinpath("data").joinpath(BUILTIN_DATASETS[name])
+    resource = resources.data_file(BUILTIN_DATASETS[name])
     text = resource.read_text(encoding="utf-8")
     return [_record_to_document(record, None, f"builtin:{name}") for record in _parse_jsonl(text, f"builtin:{name}")]
 

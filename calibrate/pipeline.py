@@ -22,7 +22,7 @@ from . import kvsharer, pyramidinfer
 from .budget_split import ContinuationFidelity, largest_split, split_candidates
 from .collect import run_calibration_pass
 from .data import build_calibration_set
-from .models import load_model
+from runtime.models import load_model
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)

@@ -9,26 +9,26 @@ A recipe is a small YAML file. Field names follow vllm-project/llm-compressor wh
     target_ratio: 0.5
     pyramidinfer: {window: 32, sink: 4}
 
-Built-in recipes live in the top-level ``recipes/`` folder of the repository, which is installed as
-the package data ``calibrate.recipes``; each file's stem is its alias.
+Built-in recipes live in ``runtime/recipes/`` (package data, read through ``runtime.resources``, because the
+runtime resolves the same aliases to load a model); each file's stem is its alias.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.resources
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from runtime import resources
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _HF_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
-_RECIPES_PACKAGE = "calibrate.recipes"
-_RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 class RecipeError(ValueError):
@@ -62,7 +60,7 @@ class RecipeError(ValueError):
 class Recipe:
     """A resolved, validated calibration recipe (immutable; use :meth:`with_overrides`)."""
 
-    #: Short name of a built-in recipe (``recipes/<alias>.yaml``), or None.
+    #: Short name of a built-in recipe (``runtime/recipes/<alias>.yaml``), or None.
     alias: str | None = None
     #: HF repo id, local directory, local ``.gguf`` file, ``pypi:<package>/<file.gguf>`` or
     #: ``pypi-assemble:<package>``.
@@ -375,31 +373,14 @@ def _recipe_from_yaml(text: str, *, origin: str) -> Recipe:
     return Recipe.from_dict(data, origin=origin)
 
 
-def _builtin_recipe_files() -> Iterator[tuple[str, Any]]:
-    """(alias, resource) pairs of the shipped recipes, from package data or the checkout's recipes/."""
-    try:
-        root: Any = importlib.resources.files(_RECIPES_PACKAGE)
-        entries = list(root.iterdir())
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError, TypeError):
-        checkout = Path(__file__).resolve().parent.parent / "recipes"
-        entries = list(checkout.iterdir()) if checkout.is_dir() else []
-    for entry in entries:
-        name = entry.name
-        if entry.is_file() and name.endswith(_RECIPE_SUFFIXES) and not name.startswith((".", "_")):
-            yield name.rsplit(".", 1)[0], entry
-
-
 def builtin_aliases() -> list[str]:
-    """Sorted aliases of the built-in recipes."""
-    return sorted({alias for alias, _ in _builtin_recipe_files()})
+    """Sorted aliases of the built-in recipes (``runtime/recipes/*.yaml``)."""
+    return resources.builtin_aliases()
 
 
 def builtin_recipe_path(alias: str) -> Any:
     """The resource (a Path or Traversable) of the built-in recipe ``alias``, or None."""
-    for name, entry in sorted(_builtin_recipe_files(), key=lambda pair: pair[0]):
-        if name == alias:
-            return entry
-    return None
+    return resources.builtin_recipe(alias)
 
 
 def _load_builtin(alias: str) -> Recipe:

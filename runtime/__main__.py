@@ -67,18 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_eval(args) -> dict:
-    from calibrate.models import load_model
-    from calibrate.recipe import resolve_recipe
-
+    import runtime
     from runtime.evaluation import EvalSettings, evaluate, full_cache, plan_method
 
-    import runtime
-
     plan = runtime.load_plan(args.plan) if args.plan else None
-    model_ref = args.model or (plan.recipe.get("alias") or plan.recipe.get("model") if plan else None)
-    if not model_ref:
-        raise ValueError("name the model (alias, repo id, directory or .gguf), or pass a plan that names it")
-    loaded = load_model(resolve_recipe(model_ref), progress=not args.quiet)
+    loaded = _load(args, plan)
     methods = [full_cache()]
     if plan is not None:
         plan.validate(loaded.model)
@@ -94,15 +87,27 @@ def run_eval(args) -> dict:
     return report
 
 
+def _load(args, plan):
+    """The model named on the command line, else the one the plan's recipe names (an alias or a model source)."""
+    from runtime.models import ModelSpec, load_model, resolve_model_spec
+
+    if args.model:
+        spec = resolve_model_spec(args.model)
+    elif plan is not None and plan.recipe.get("alias"):
+        spec = resolve_model_spec(plan.recipe["alias"])
+    elif plan is not None and plan.recipe.get("model"):
+        spec = ModelSpec.from_mapping(plan.recipe)
+    else:
+        raise ValueError("name the model (alias, repo id, directory or .gguf), or pass a plan that names it")
+    return load_model(spec, progress=not args.quiet)
+
+
 def _builtin_prompt(tokenizer, context: int) -> str:
     """A long chat prompt from the shipped self-instruct tasks, ending with a question about one of them."""
-    from calibrate.data import load_documents
-    from calibrate.recipe import Recipe
+    from runtime.evaluation.texts import builtin_tasks
 
-    documents, _ = load_documents(Recipe(alias=None, model="-"))
     lines, used = [], 0
-    for i, doc in enumerate(documents):
-        text = " ".join(m["content"] for m in doc.messages) if getattr(doc, "messages", None) else doc.text
+    for i, text in enumerate(builtin_tasks()):
         line = f"{i + 1}. {' '.join(text.split())}"
         used += len(tokenizer(line, add_special_tokens=False).input_ids) + 1
         if used > context - 60:
@@ -153,17 +158,10 @@ def _forced_logits(model, ids, forced, cache):
 def run_generate(args) -> dict:
     from transformers import DynamicCache
 
-    from calibrate.models import load_model
-    from calibrate.recipe import resolve_recipe
-
     import runtime
 
     plan = runtime.load_plan(args.plan)
-    model_ref = args.model or plan.recipe.get("alias") or plan.recipe.get("model")
-    if not model_ref:
-        raise ValueError("the plan does not name its model; pass the model on the command line")
-    recipe = resolve_recipe(model_ref)
-    loaded = load_model(recipe, progress=not args.quiet)
+    loaded = _load(args, plan)
     model, tokenizer = loaded.model, loaded.tokenizer
     plan.validate(model)
     if args.prompt_file:

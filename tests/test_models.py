@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.models import (
+from runtime.models import (
     ModelSourceError,
     converted_dir_for,
     default_cache_dir,
@@ -175,7 +175,7 @@ def test_cuda_unavailable_is_a_clear_error(tiny_model_dir: Path) -> None:
 
 
 def test_device_auto_uses_accelerate(tiny_model_dir: Path) -> None:
-    from calibrate.models import _placement_kwargs
+    from runtime.models import _placement_kwargs
 
     recipe = Recipe(model=str(tiny_model_dir), device="auto", max_memory={0: "70GiB", "cpu": "1GiB"})
     assert _placement_kwargs(recipe) == {"device_map": "auto", "max_memory": {0: "70GiB", "cpu": "1GiB"}}

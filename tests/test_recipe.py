@@ -12,7 +12,7 @@ import torch
 from calibrate import recipe as recipe_module
 from calibrate.recipe import KNOWN_METHODS, Recipe, RecipeError, builtin_aliases, load_recipe, resolve_recipe
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "runtime" / "recipes"
 BUILTINS = ("smollm2-135m", "gemma-3-270m", "llama-3-8b")
 
 
@@ -84,15 +84,6 @@ def test_llama_recipe_resolves_and_its_family_builds_tiny() -> None:
     with torch.no_grad():
         logits = model(torch.arange(16).unsqueeze(0)).logits
     assert logits.shape == (1, 16, 128)
-
-
-def test_builtin_aliases_fall_back_to_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing(_: str) -> None:
-        raise ModuleNotFoundError("calibrate.recipes")
-
-    monkeypatch.setattr(recipe_module.importlib.resources, "files", missing)
-    assert set(BUILTINS) <= set(builtin_aliases())
-    assert resolve_recipe("smollm2-135m").alias == "smollm2-135m"
 
 
 # ---------------------------------------------------------------------------------------- resolving

@@ -22,7 +22,7 @@ ESSAY_LIKE = (
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from calibrate.models import load_model
+    from runtime.models import load_model
     from calibrate.recipe import resolve_recipe
 
     loaded = load_model(resolve_recipe("smollm2-135m"), progress=False)

