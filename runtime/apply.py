@@ -17,10 +17,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from . import attention
-from .cache import cache_argument, install_plan_layers, layer_specs
+from .cache import cache_argument, install_plan_layers, layer_plans
 from .kvsharer import restore_projections, skip_projections
+from .layers import PlanLayer
 from .plan import Plan, PlanError, load_plan
-from .pyramidinfer import BudgetedLayer
 
 _CACHE_KWARGS = ("cache", "past_key_values")
 
@@ -59,11 +59,11 @@ class AppliedPlan:
 class _CacheHook:
     """Decoder forward pre-hook: give the forward a plan cache and hand it to the attention function."""
 
-    def __init__(self, applied: AppliedPlan, model: torch.nn.Module):
+    def __init__(self, applied: AppliedPlan, model: torch.nn.Module, layers):
         self.applied = applied
-        self.layer_specs = layer_specs(applied.plan, model.config)
+        self.layer_specs = layers
         # a sharing layer's k/v projections are skipped, so it needs its source's cache even without use_cache
-        self.needs_cache = any(spec.source != idx for idx, spec in enumerate(self.layer_specs))
+        self.needs_cache = any(not spec.owns_cache for spec in self.layer_specs)
         self.config = model.config
         self.cache_name = cache_argument(_decoder(model))  # `cache` in recent transformers, `past_key_values` before
 
@@ -101,23 +101,15 @@ def _refuse_empty_input(args, kwargs) -> None:
 
 
 def _check_compressed(module, args, kwargs, output) -> None:
-    """Decoder forward post-hook: a budgeted layer that was filled but never compressed means the attention
-    function never saw the cache (an architecture that does not forward keyword arguments to attention)."""
+    """Decoder forward post-hook: every plan layer checks that the forward left it consistent (e.g. a budgeted
+    layer filled but never compressed means the attention function never saw the cache: an architecture that does
+    not forward keyword arguments to attention)."""
     cache = kwargs.get(attention.CACHE_KWARG)
     if cache is None:
         return
     for idx, layer in enumerate(cache.layers):
-        if isinstance(layer, BudgetedLayer) and layer.step_pending:
-            raise RuntimeError(
-                f"kvplan: layer {idx} waited for sharing layers that never attended over its cache in this forward "
-                f"pass ({type(module).__name__}); please report it with the model id"
-            )
-        if isinstance(layer, BudgetedLayer) and layer.seen > 0 and not layer.compressed:
-            raise RuntimeError(
-                f"kvplan: layer {idx} cached tokens without going through kvplan's attention function; this "
-                f"architecture ({type(module).__name__}) does not pass keyword arguments down to attention, so the "
-                "plan cannot be applied to it. Please report it with the model id."
-            )
+        if isinstance(layer, PlanLayer):
+            layer.check_forward(idx, type(module).__name__)
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,12 +140,14 @@ def find_applied(model: torch.nn.Module) -> AppliedPlan | None:
 def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
     """Apply ``plan`` (a :class:`Plan`, a file path or a Hub repo id) to ``model``; returns a removable handle.
 
-    Raises :class:`PlanError` if the plan was made for another architecture or shape, or if a plan is already
+    Raises :class:`PlanError` if the plan was made for another architecture or shape, if it enables a method this
+    runtime cannot apply (it is refused whole, never applied without that method), or if a plan is already
     applied to this model.
     """
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     plan.validate(model)
+    layers = layer_plans(plan, model.config)  # refuses methods this runtime cannot apply
     if find_applied(model) is not None:
         raise PlanError("a plan is already applied to this model; call runtime.remove_plan(model) first")
     reason = _unsupported(model.config) if not plan.is_noop else None
@@ -164,10 +158,10 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
     model.set_attn_implementation(name)
     applied = AppliedPlan(model=model, plan=plan, previous_attn_implementation=previous)
     decoder = _decoder(model)
-    sources = [spec.source for spec in layer_specs(plan, model.config)]
+    sources = [spec.source for spec in layers]
     applied._swapped = skip_projections(decoder.layers, sources)
     applied._handles.append(
-        decoder.register_forward_pre_hook(_CacheHook(applied, model), with_kwargs=True, prepend=True)
+        decoder.register_forward_pre_hook(_CacheHook(applied, model, layers), with_kwargs=True, prepend=True)
     )
     applied._handles.append(decoder.register_forward_hook(_check_compressed, with_kwargs=True))
     return applied

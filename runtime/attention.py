@@ -16,8 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from .kvsharer import SharedLayer
-from .pyramidinfer import BudgetedLayer
+from .layers import PlanLayer
 
 ATTN_NAME = "kvplan"
 CACHE_KWARG = "kvplan_cache"
@@ -56,32 +55,25 @@ def kvplan_attention(
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
 
     def exact(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """transformers' own SDPA with this forward's arguments over ``keys``/``values`` (exact)."""
         out, _ = sdpa_attention_forward(
-            module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-            **kwargs,
+            module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
+            is_causal=is_causal, **kwargs,
         )
         return out
 
-    if isinstance(layer, SharedLayer):  # a KVSharer layer over a PyramidInfer source: the source steers
-        return layer.source.reader_attention(query, to_bool_mask(attention_mask), scaling, exact), None
     return layer.attention(query, to_bool_mask(attention_mask), scaling, exact), None
 
 
-def _plan_layer(cache, layer_idx: int | None) -> BudgetedLayer | SharedLayer | None:
-    """The plan layer that steers this layer's attention, or None for stock SDPA.
-
-    A sharing layer whose source keeps everything needs nothing special: its cache already handed the source's
-    K/V to the model, and stock SDPA over them with the forward's mask is exact.
-    """
+def _plan_layer(cache, layer_idx: int | None) -> PlanLayer | None:
+    """The plan layer that steers this layer's attention, or None (a layer the plan leaves alone: stock SDPA)."""
     if cache is None or layer_idx is None:
         return None
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    if isinstance(layer, SharedLayer):
-        return layer if isinstance(layer.source, BudgetedLayer) else None
-    return layer if isinstance(layer, BudgetedLayer) else None
+    return layer if isinstance(layer, PlanLayer) else None
 
 
 def register_attention(name: str, function) -> str:

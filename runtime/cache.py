@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .kvsharer import SharedLayer, readers_of, sharing_map
+from . import registry
+from .errors import PlanError
+from .kvsharer import SharedLayer
+from .layers import FullLayer, LayerPlan, PlanLayer, layer_bytes
 from .plan import Plan
-from .pyramidinfer import BudgetedLayer, PyramidParams, theoretical_kept
+from .pyramidinfer import BudgetedLayer, theoretical_kept  # noqa: F401  (BudgetedLayer: re-exported)
 
 
 def _text_config(config):
@@ -39,83 +41,52 @@ def layer_types(config) -> list[str]:
     return list(types)
 
 
-def pyramid_params(plan: Plan, config) -> list[PyramidParams | None]:
-    """Per layer: the PyramidInfer settings, or None where the layer keeps everything it sees.
-
-    Only full-attention layers are budgeted (sliding-window layers are already bounded by their window).
-    """
-    n_layers = _text_config(config).num_hidden_layers
-    if "pyramidinfer" not in plan.methods:
-        return [None] * n_layers
-    keep = plan.tensors["pyramidinfer.layer_keep"].tolist()
-    args = plan.params.get("pyramidinfer", {})
+def layer_plans(plan, config) -> list[LayerPlan]:
+    """Per layer, what the plan asks of its cache: each enabled method's ``configure`` hook (registry order) fills
+    in its part. Raises :class:`PlanError` naming a method this runtime cannot apply (never half-applies a plan)."""
+    unsupported = [m for m in plan.methods if not registry.get(m).runtime_supported]
+    if unsupported:
+        raise PlanError(
+            f"the plan enables {', '.join(unsupported)}, which this kvplan runtime cannot apply yet (it applies: "
+            f"{', '.join(registry.runtime_supported())}); refusing the plan rather than applying it without "
+            f"{'it' if len(unsupported) == 1 else 'them'}"
+        )
     kinds = layer_types(config)
-    out: list[PyramidParams | None] = []
-    for layer, fraction in enumerate(keep):
-        if kinds[layer] != "full_attention" or fraction >= 1.0:
-            out.append(None)
-        else:
-            out.append(
-                PyramidParams(
-                    keep=float(fraction),
-                    window=int(args.get("window", 32)),
-                    sink=int(args.get("sink", 4)),
-                    slack=args.get("slack"),
-                    pool=int(args.get("pool", 1)),
-                    head_reduce=str(args.get("head_reduce", "mean")),
-                )
-            )
-    return out
+    layers = [LayerPlan(index=i, kind=kind, source=i) for i, kind in enumerate(kinds)]
+    for spec in registry.specs(plan.methods):
+        spec.configure(plan, layers, config)
+    return layers
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """What the plan asks of one layer's cache.
-
-    Attributes:
-        source: the layer whose cache this layer reads (its own index when it owns its cache; KVSharer).
-        pyramid: the PyramidInfer budget of the layer's own cache, or None when it keeps everything it sees
-            (ignored for a sharing layer: its source's budget applies).
-        readers: how many later layers read this layer's cache.
-    """
-
-    source: int
-    pyramid: PyramidParams | None = None
-    readers: int = 0
+def _build_layer(spec: LayerPlan, layers: list):
+    """The cache layer object for one layer's plan (None: keep transformers' own layer)."""
+    if not spec.owns_cache:
+        return SharedLayer(spec.source, layers[spec.source])
+    if spec.selection is not None:
+        return BudgetedLayer(spec.selection, readers=spec.readers)
+    if spec.readers:
+        return FullLayer()
+    return None
 
 
-def layer_specs(plan: Plan, config) -> list[LayerSpec]:
-    """Per layer, the cache the plan asks for: owned (full or budgeted, with its readers) or shared."""
-    n_layers = _text_config(config).num_hidden_layers
-    sources = sharing_map(plan, n_layers)
-    readers = readers_of(sources)
-    pyramid = pyramid_params(plan, config)
-    return [
-        LayerSpec(source=sources[l], pyramid=pyramid[l] if sources[l] == l else None, readers=readers[l])
-        for l in range(n_layers)
-    ]
-
-
-def install_plan_layers(cache: Cache, specs: list[LayerSpec]) -> bool:
+def install_plan_layers(cache: Cache, specs: list[LayerPlan]) -> bool:
     """Swap a fresh cache's layers for plan layers; returns False (and changes nothing) if it already holds tokens.
 
     A cache that already holds tokens was filled without the plan; compressing it half-way would not match what
     the plan promises, so it is left alone.
     """
     layers = cache.layers
-    if any(isinstance(layer, (BudgetedLayer, SharedLayer)) for layer in layers):
+    if any(isinstance(layer, PlanLayer) for layer in layers):
         return True
     if any(getattr(layer, "is_initialized", False) and _held(layer) > 0 for layer in layers):
         return False
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) < len(specs):
         layers.append(replicate() if replicate is not None else DynamicLayer())
-    for idx, spec in enumerate(specs):
-        if spec.source == idx and spec.pyramid is not None:
-            layers[idx] = BudgetedLayer(spec.pyramid, readers=spec.readers)
-    for idx, spec in enumerate(specs):  # sources first, so a sharing layer can point at its source's object
-        if spec.source != idx:
-            layers[idx] = SharedLayer(spec.source, layers[spec.source])
+    for spec in sorted(specs, key=lambda s: not s.owns_cache):  # sources first: readers point at their objects
+        layer = _build_layer(spec, layers)
+        if layer is not None:
+            layers[spec.index] = layer
     return True
 
 
@@ -128,15 +99,8 @@ def physical_bytes(cache: Cache, by_device: bool = False) -> int | dict[str, int
     """Bytes of every tensor the cache holds (K, V and any bookkeeping), in total or per device."""
     totals: dict[str, int] = defaultdict(int)
     for layer in cache.layers:
-        if isinstance(layer, SharedLayer):  # holds nothing of its own
-            continue
-        if isinstance(layer, BudgetedLayer):
-            if layer.keys is not None:
-                totals[str(layer.keys.device)] += layer.physical_bytes()
-            continue
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None:
-                totals[str(tensor.device)] += tensor.numel() * tensor.element_size()
+        for device, count in layer_bytes(layer, by_device=True).items():
+            totals[device] += count
     return dict(totals) if by_device else sum(totals.values())
 
 
@@ -167,12 +131,12 @@ def theoretical_bytes(
     window = getattr(cfg, "sliding_window", None)
     per_token = _bytes_per_token(config, dtype)
     total = 0
-    for layer, (kind, spec) in enumerate(zip(layer_types(config), layer_specs(plan, config))):
-        params = spec.pyramid
-        if spec.source != layer:
+    for spec in layer_plans(plan, config):
+        kind = spec.kind
+        if not spec.owns_cache:
             held = 0  # a sharing layer reads its source's cache
-        elif params is not None:
-            held = theoretical_kept(seq_len, params)
+        elif spec.selection is not None:
+            held = theoretical_kept(seq_len, spec.selection)
         elif kind != "full_attention" and window:
             held = min(seq_len, window)
         else:
@@ -182,8 +146,5 @@ def theoretical_bytes(
 
 
 def kept_lengths(cache: Cache) -> list[int]:
-    """Tokens each layer physically holds (per row, the rectangular width)."""
-    return [
-        layer.kept_length() if isinstance(layer, (BudgetedLayer, SharedLayer)) else _held(layer)
-        for layer in cache.layers
-    ]
+    """Slots each layer physically holds per row and head (the rectangle's width; 0 for a sharing layer)."""
+    return [layer.kept_length() if isinstance(layer, PlanLayer) else _held(layer) for layer in cache.layers]

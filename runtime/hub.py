@@ -11,25 +11,30 @@ Repo layout (one plan per repo; variants are branches or tags)::
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub import errors as hub_errors
 
-from .plan import DEFAULT_FILENAME, METHODS, Plan, PlanError, _installed_version, looks_like_repo_id
+from . import registry
+from .errors import PlanError
+from .planfile import DEFAULT_FILENAME, installed_version
 
-__all__ = ["download_plan", "push_plan", "render_model_card"]
+if TYPE_CHECKING:  # the plan module imports this one; only the type is needed here
+    from .plan import Plan
 
-_METHOD_DESCRIPTIONS = {
-    "pyramidinfer": "PyramidInfer: each layer keeps a calibrated fraction of the context, chosen by recent-query "
-    "attention (sink tokens and the recent window are always kept)",
-    "kvsharer": "KVSharer: some layers reuse the KV cache of an earlier layer instead of storing their own",
-    "kvcompress": "KV-Compress: each KV head gets its own share of the layer's token budget",
-    "kcache": "KCache: values live in a second store and decoding reads only the top-N attended rows",
-}
+__all__ = ["download_file", "looks_like_repo_id", "push_plan", "render_model_card", "where", "write_plan_folder"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``org/name`` with Hub-legal characters (and not a file name such as ``x/plan.safetensors``)."""
+    return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".safetensors")
 
 _OFFLINE_HINT = (
     "if you are offline (HF_HUB_OFFLINE=1) the file must already be in the HF cache; pin the plan with "
@@ -37,13 +42,13 @@ _OFFLINE_HINT = (
 )
 
 
-def _where(repo_id: str, filename: str, revision: str | None) -> str:
+def where(repo_id: str, filename: str, revision: str | None) -> str:
     return f"{repo_id}/{filename}@{revision or 'main'}"
 
 
 def _download_error(exc: Exception, repo_id: str, filename: str, revision: str | None) -> PlanError:
     """Translate a huggingface_hub failure into a PlanError that says what to do."""
-    where = _where(repo_id, filename, revision)
+    place = where(repo_id, filename, revision)
     cause = exc.__cause__
     if isinstance(exc, hub_errors.LocalEntryNotFoundError) and isinstance(cause, hub_errors.HfHubHTTPError):
         exc = cause  # huggingface_hub hides the server's answer behind "not in the cache"; report the answer
@@ -55,15 +60,15 @@ def _download_error(exc: Exception, repo_id: str, filename: str, revision: str |
         message = f"revision {revision!r} not found in {repo_id}; use a branch, tag or full commit sha that exists"
     elif isinstance(exc, hub_errors.LocalEntryNotFoundError):
         detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-        message = f"{where} is not in the local HF cache and could not be downloaded{detail}; {_OFFLINE_HINT}"
+        message = f"{place} is not in the local HF cache and could not be downloaded{detail}; {_OFFLINE_HINT}"
     elif isinstance(exc, hub_errors.EntryNotFoundError) or _http_status(exc) == 404:
-        message = f"{where} not found on the Hub (no such repo, file or revision); check all three"
+        message = f"{place} not found on the Hub (no such repo, file or revision); check all three"
     elif isinstance(exc, hub_errors.OfflineModeIsEnabled):
-        message = f"cannot download {where}: offline mode is on; {_OFFLINE_HINT}"
+        message = f"cannot download {place}: offline mode is on; {_OFFLINE_HINT}"
     elif isinstance(exc, hub_errors.HFValidationError):
         message = f"{repo_id!r} is not a valid Hub repo id ({exc})"
     else:
-        message = f"could not download {where}: {type(exc).__name__}: {exc}; {_OFFLINE_HINT}"
+        message = f"could not download {place}: {type(exc).__name__}: {exc}; {_OFFLINE_HINT}"
     return PlanError(message)
 
 
@@ -72,18 +77,18 @@ def _http_status(exc: Exception) -> int | None:
     return getattr(getattr(exc, "response", None), "status_code", None)
 
 
-def download_plan(
+def download_file(
     repo_id: str,
     revision: str | None = None,
     filename: str = DEFAULT_FILENAME,
     cache_dir: str | Path | None = None,
     endpoint: str | None = None,
     local_files_only: bool | None = None,
-) -> Plan:
-    """Fetch ``filename`` from Hub repo ``repo_id`` (through the HF cache) and load it as a :class:`Plan`.
+) -> str:
+    """Fetch ``filename`` from Hub repo ``repo_id`` (through the HF cache); returns the local path.
 
     ``local_files_only=None`` follows huggingface_hub's default (network unless ``HF_HUB_OFFLINE=1``).
-    Every failure, from a missing repo to a malformed file, raises :class:`PlanError`.
+    Every failure raises :class:`PlanError` saying what to do; ``Plan.from_pretrained`` loads the file.
     """
     try:
         path = hf_hub_download(
@@ -94,16 +99,13 @@ def download_plan(
             endpoint=endpoint,
             local_files_only=bool(local_files_only),
             library_name="kvplan",
-            library_version=_installed_version(),
+            library_version=installed_version(),
         )
     # Besides huggingface_hub's own errors, the transport library (requests, httpx or httpx2 depending on the
     # huggingface_hub version) may raise its own; every failure here means "no plan", so all are translated.
     except Exception as exc:  # noqa: BLE001
         raise _download_error(exc, repo_id, filename, revision) from exc
-    try:
-        return Plan.load(path)
-    except PlanError as exc:
-        raise PlanError(f"{_where(repo_id, filename, revision)}: {exc}") from exc
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,14 +131,9 @@ def _card_data(plan: Plan) -> ModelCardData:
 
 
 def _layer_table(plan: Plan) -> list[str]:
-    """Markdown table with one row per layer for the tensors the plan has."""
-    columns = [
-        ("keep", plan.layer_keep, lambda row: f"{row:.3f}"),
-        ("cache source", plan.share_source, str),
-        ("head keep (min–max)", plan.head_keep, lambda row: f"{min(row):.3f}–{max(row):.3f}"),
-        ("top-n values", plan.topn, lambda row: "all" if row == 0 else str(row)),
-    ]
-    present = [(title, tensor.tolist(), fmt) for title, tensor, fmt in columns if tensor is not None]
+    """Markdown table with one row per layer: each enabled method's column (its registration's ``card_column``)."""
+    columns = [spec.card_column for spec in registry.specs(plan.methods) if spec.card_column is not None]
+    present = [(title, plan.tensors[name].tolist(), fmt) for title, name, fmt in columns if name in plan.tensors]
     if not present:
         return ["Every layer keeps its full KV cache (no method is enabled)."]
     header = "| layer | " + " | ".join(title for title, _, _ in present) + " |"
@@ -163,7 +160,7 @@ def _body(plan: Plan, repo_id: str | None) -> list[str]:
         "load the base model as usual and apply the plan."
     )
     lines += ["", "## What it does", ""]
-    lines += [f"- {_METHOD_DESCRIPTIONS[m]}" for m in plan.methods if m in METHODS] or ["- nothing (a no-op plan)"]
+    lines += [f"- {spec.description}" for spec in registry.specs(plan.methods)] or ["- nothing (a no-op plan)"]
     if plan.target_ratio is not None:
         lines += ["", f"Target: keep {float(plan.target_ratio):.1%} of the full KV-cache memory."]
     if plan.params:

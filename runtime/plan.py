@@ -1,64 +1,59 @@
-"""The kvplan plan file: one safetensors file that tells the runtime how to compress a model's KV cache.
+"""The plan schema: what a kvplan plan holds, the rules it obeys, and the :class:`Plan` object.
 
-A plan is written once by ``python -m calibrate`` and read on every ``runtime.apply_plan``. This module is
-the only code that reads or writes the file (schema: ``docs/design.md`` section 1). Everything a loader
-reads is validated here, so that a file from a stranger can only ever produce a valid :class:`Plan` or a
-:class:`PlanError`.
+A plan is written once by ``python -m calibrate`` and read on every ``runtime.apply_plan``. The bytes of the file
+are read and written by :mod:`runtime.planfile`; this module gives them meaning and checks everything a loader
+reads (metadata, JSON fields, fingerprint, every method's tensors and parameters as its registration in
+:mod:`runtime.registry` describes them, and the ranges of inspection tensors), so that a file from a stranger can
+only ever produce a valid :class:`Plan` or a :class:`PlanError` (schema: ``docs/design.md`` section 1).
 
 Shape symbols used in the docstrings: ``L`` = ``num_hidden_layers``, ``H_kv`` = ``num_key_value_heads``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import hashlib
 import math
 import os
 import re
-import struct
-import tempfile
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata as _importlib_metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
+
+from . import hub, planfile, registry
+from .errors import PlanError
+from .planfile import (
+    DEFAULT_FILENAME,
+    MAX_INT,
+    SCHEMA_VERSION,
+    check_json_value,
+    dumps,
+    installed_version,
+    is_int,
+    is_number,
+    is_scalar,
+    loads,
+    parse_version,
+    type_name,
+)
+from .registry import METHODS
+from .schema import TensorContext
 
 __all__ = [
     "METHODS",
     "SCHEMA_VERSION",
+    "FINGERPRINT_KEYS",
     "Plan",
     "PlanError",
-    "TENSOR_SPECS",
-    "PARAM_SPECS",
     "fingerprint_from_model",
     "load_plan",
+    "weights_digest",
 ]
 
-METHODS: tuple[str, ...] = ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
-"""Every method a plan can enable, in the order the runtime applies them."""
-
-SCHEMA_VERSION = 1
-"""Version of the file layout written by this module; loaders refuse any other version."""
-
-DEFAULT_FILENAME = "plan.safetensors"
-MAX_FILE_BYTES = 256 * 1024 * 1024
-"""A plan holds a few small tensors per layer; anything larger is refused before it is read."""
-MAX_HEADER_BYTES = 1024 * 1024
-"""Upper bound on the JSON header; ours are a few kilobytes."""
-MAX_JSON_DEPTH = 32
-"""Deepest nesting accepted in ``recipe`` / ``provenance`` / ``params`` JSON."""
-MAX_INT = 2**31 - 1
-
 _CALIBRATE_HINT = "calibrate one for this model with `python -m calibrate <model> --out plan.safetensors`"
-
-# safetensors dtype tag <-> torch dtype <-> little-endian numpy dtype, for the two dtypes a plan may hold.
-_DTYPES: dict[str, tuple[torch.dtype, str]] = {
-    "F32": (torch.float32, "<f4"),
-    "I32": (torch.int32, "<i4"),
-}
-_DTYPE_TAGS: dict[torch.dtype, str] = {torch_dtype: tag for tag, (torch_dtype, _) in _DTYPES.items()}
+_UPGRADE_HINT = "upgrade kvplan (`pip install -U kvplan`)"
 
 _META_PREFIX = "kvplan."
 _META_KEYS = (
@@ -88,191 +83,14 @@ FINGERPRINT_KEYS = (
     "name_or_path",
     "revision",
 )
+"""Keys every fingerprint has. ``weights`` (see :func:`weights_digest`) is optional: plans made before it existed
+lack it."""
 STRUCTURAL_KEYS = ("model_type", *_FINGERPRINT_INT_KEYS, "layer_types")
 """Fingerprint fields that must match the model a plan is applied to."""
 
 _TENSOR_NAME = re.compile(r"^(?P<method>[a-z0-9_]+)\.(?P<name>[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199})$")
-
-
-class PlanError(ValueError):
-    """Any problem with a plan: unreadable file, bad metadata, bad tensors, or a plan for another model."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-method tables: the tensor each method needs and the parameters it reads.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _check_fraction(values: torch.Tensor) -> str | None:
-    """``layer_keep``: every entry in (0, 1]."""
-    if bool(((values <= 0) | (values > 1)).any()):
-        return "every value must be in (0, 1]"
-    return None
-
-
-def _check_share_source(values: torch.Tensor) -> str | None:
-    """``share_source``: ``0 <= s[l] <= l`` and every source owns its cache (``s[s[l]] == s[l]``)."""
-    sources = [int(v) for v in values.tolist()]
-    for layer, source in enumerate(sources):
-        if not 0 <= source <= layer:
-            return f"layer {layer} has source {source}; a source must satisfy 0 <= source <= layer"
-        if sources[source] != source:
-            return (
-                f"layer {layer} shares layer {source}, which itself shares layer {sources[source]}; "
-                "chains must be resolved (every source owns its cache)"
-            )
-    return None
-
-
-def _check_head_keep(values: torch.Tensor) -> str | None:
-    """``head_keep``: non-negative, every layer gives some budget to at least one head."""
-    if bool((values < 0).any()):
-        return "values must be >= 0"
-    if values.numel() and bool((values.sum(dim=1) <= 0).any()):
-        return "each layer's row must sum to > 0"
-    return None
-
-
-def _check_non_negative(values: torch.Tensor) -> str | None:
-    """``topn``: ``0`` means all values are read."""
-    if bool((values < 0).any()):
-        return "values must be >= 0"
-    return None
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """The one tensor a method must provide: name, dtype, shape (in fingerprint symbols), value rule."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[str, ...]
-    check: Callable[[torch.Tensor], str | None]
-    meaning: str
-
-
-TENSOR_SPECS: dict[str, TensorSpec] = {
-    "pyramidinfer": TensorSpec(
-        "pyramidinfer.layer_keep", torch.float32, ("L",), _check_fraction, "fraction of the context kept"
-    ),
-    "kvsharer": TensorSpec(
-        "kvsharer.share_source", torch.int32, ("L",), _check_share_source, "source layer of each layer's cache"
-    ),
-    "kvcompress": TensorSpec(
-        "kvcompress.head_keep", torch.float32, ("L", "H_kv"), _check_head_keep, "per-KV-head budget share"
-    ),
-    "kcache": TensorSpec("kcache.topn", torch.int32, ("L",), _check_non_negative, "values read per decode step"),
-}
-
-_SHAPE_SYMBOLS = {"L": "num_hidden_layers", "H_kv": "num_key_value_heads"}
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A parameter a method reads at runtime: an integer ``>= minimum``, or one of ``choices`` (strings)."""
-
-    required: bool
-    minimum: int = 0
-    choices: tuple[str, ...] | None = None
-
-
-PARAM_SPECS: dict[str, dict[str, ParamSpec]] = {
-    "pyramidinfer": {
-        "window": ParamSpec(required=True, minimum=1),
-        "sink": ParamSpec(required=True, minimum=0),
-        "slack": ParamSpec(required=False, minimum=0),
-        "pool": ParamSpec(required=False, minimum=1),
-        "head_reduce": ParamSpec(required=False, choices=("mean", "max")),
-    },
-}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _installed_version() -> str:
-    """The installed kvplan version (``0.1.0`` when running from a source tree that is not installed)."""
-    try:
-        return _importlib_metadata.version("kvplan")
-    except _importlib_metadata.PackageNotFoundError:
-        return "0.1.0"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_scalar(value: Any) -> bool:
-    """A JSON scalar: null, bool, int, finite float or string."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    return isinstance(value, float) and math.isfinite(value)
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _check_json_value(what: str, value: Any) -> None:
-    """Refuse anything that does not survive a JSON round trip unchanged (iterative: no recursion limit)."""
-    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
-    while stack:
-        item, where, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise PlanError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep (at {where})")
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if not isinstance(key, str):
-                    raise PlanError(f"{where} has a non-string key {key!r}; JSON keys must be strings")
-                stack.append((child, f"{where}.{key}", depth + 1))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((child, f"{where}[{i}]", depth + 1) for i, child in enumerate(item))
-        elif not _is_scalar(item):
-            raise PlanError(f"{where} = {item!r} is not a JSON value (need null/bool/int/finite float/str)")
-
-
-def _dumps(value: Any) -> str:
-    """Canonical JSON: sorted keys, compact separators (byte-identical output for equal values)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _loads(text: str, what: str) -> Any:
-    """Strict JSON: no duplicate keys, no NaN/Infinity, no overflowing floats; PlanError otherwise."""
-    try:
-        return json.loads(
-            text,
-            object_pairs_hook=_reject_duplicates,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-        )
-    except (ValueError, RecursionError) as exc:
-        raise PlanError(f"{what} is not valid JSON: {exc}") from exc
+_WEIGHTS = re.compile(r"^(float32|float16|bfloat16|[a-z0-9_]{1,20}):[0-9a-f]{64}$")
+_DIGEST_SAMPLES = 512
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,13 +132,38 @@ def fingerprint_from_model(model_or_config: Any) -> dict[str, Any]:
             "hidden_size": hidden,
             "vocab_size": int(text.vocab_size),
             "layer_types": [str(t) for t in layer_types] if layer_types is not None else None,
-            "sliding_window": sliding_window if _is_int(sliding_window) and sliding_window > 0 else None,
+            "sliding_window": sliding_window if is_int(sliding_window) and sliding_window > 0 else None,
             "name_or_path": str(getattr(config, "_name_or_path", "") or getattr(text, "_name_or_path", "") or ""),
             "revision": _commit_hash(config),
         }
+        digest = weights_digest(model_or_config) if isinstance(model_or_config, torch.nn.Module) else None
+        if digest is not None:
+            fingerprint["weights"] = digest
     except (AttributeError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise PlanError(f"cannot read the model's structure from its config ({type(config).__name__}): {exc}") from exc
     return fingerprint
+
+
+def weights_digest(model: torch.nn.Module) -> str | None:
+    """``"<dtype>:<sha256>"`` of the model's weights: every parameter's name, shape and up to 512 evenly spaced
+    values. It identifies the weights whatever route loaded them (kvplan's converted GGUF copy, plain
+    ``from_pretrained(dir, gguf_file=...)``, a Hub id or a local directory), where ``name_or_path`` does not.
+    None when a parameter has no data here (meta / offloaded) or the parameters mix dtypes."""
+    digest = hashlib.sha256()
+    dtypes = set()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.device.type == "meta":
+            return None
+        dtypes.add(param.dtype)
+        flat = param.detach().reshape(-1)
+        if flat.numel() > _DIGEST_SAMPLES:
+            index = torch.arange(_DIGEST_SAMPLES, device=flat.device) * (flat.numel() - 1) // (_DIGEST_SAMPLES - 1)
+            flat = flat[index]
+        digest.update(f"{name}:{list(param.shape)}:".encode())
+        digest.update(flat.float().cpu().numpy().tobytes())
+    if len(dtypes) != 1:
+        return None
+    return f"{str(dtypes.pop()).removeprefix('torch.')}:{digest.hexdigest()}"
 
 
 def _commit_hash(config: Any) -> str | None:
@@ -332,16 +175,16 @@ def _commit_hash(config: Any) -> str | None:
 def _check_fingerprint(fingerprint: Any) -> None:
     """Types and cross-field rules of a fingerprint dict."""
     if not isinstance(fingerprint, dict):
-        raise PlanError(f"fingerprint must be a JSON object, got {_type_name(fingerprint)}")
+        raise PlanError(f"fingerprint must be a JSON object, got {type_name(fingerprint)}")
     missing = [key for key in FINGERPRINT_KEYS if key not in fingerprint]
     if missing:
         raise PlanError(f"fingerprint is missing {', '.join(missing)}")
-    _check_json_value("fingerprint", fingerprint)
+    check_json_value("fingerprint", fingerprint)
     if not isinstance(fingerprint["model_type"], str) or not fingerprint["model_type"]:
         raise PlanError(f"fingerprint.model_type must be a non-empty string, got {fingerprint['model_type']!r}")
     for key in _FINGERPRINT_INT_KEYS:
         value = fingerprint[key]
-        if not _is_int(value) or not 1 <= value <= MAX_INT:
+        if not is_int(value) or not 1 <= value <= MAX_INT:
             raise PlanError(f"fingerprint.{key} must be a positive integer, got {value!r}")
     kv_heads, heads = fingerprint["num_key_value_heads"], fingerprint["num_attention_heads"]
     if heads % kv_heads:
@@ -350,13 +193,19 @@ def _check_fingerprint(fingerprint: Any) -> None:
         )
     _check_layer_types(fingerprint["layer_types"], fingerprint["num_hidden_layers"])
     window = fingerprint["sliding_window"]
-    if window is not None and (not _is_int(window) or window < 1):
+    if window is not None and (not is_int(window) or window < 1):
         raise PlanError(f"fingerprint.sliding_window must be null or a positive integer, got {window!r}")
     if not isinstance(fingerprint["name_or_path"], str):
-        raise PlanError(f"fingerprint.name_or_path must be a string, got {_type_name(fingerprint['name_or_path'])}")
+        raise PlanError(f"fingerprint.name_or_path must be a string, got {type_name(fingerprint['name_or_path'])}")
     revision = fingerprint["revision"]
     if revision is not None and not isinstance(revision, str):
-        raise PlanError(f"fingerprint.revision must be null or a string, got {_type_name(revision)}")
+        raise PlanError(f"fingerprint.revision must be null or a string, got {type_name(revision)}")
+    weights = fingerprint.get("weights")
+    if weights is not None and (not isinstance(weights, str) or not _WEIGHTS.match(weights)):
+        raise PlanError(f"fingerprint.weights must be null or '<dtype>:<sha256 hex>', got {weights!r:.80}")
+    unknown = sorted(set(fingerprint) - set(FINGERPRINT_KEYS) - {"weights"})
+    if unknown:
+        raise PlanError(f"fingerprint has unknown field(s) {unknown}; made by a newer kvplan? {_UPGRADE_HINT}")
 
 
 def _check_layer_types(layer_types: Any, num_layers: int) -> None:
@@ -369,68 +218,72 @@ def _check_layer_types(layer_types: Any, num_layers: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Semantic checks shared by save and load
+# Semantic checks shared by save and load: every method's part as its registration describes it
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _check_methods(methods: Any) -> None:
     if not isinstance(methods, (list, tuple)):
-        raise PlanError(f"methods must be a list of method names, got {_type_name(methods)}")
+        raise PlanError(f"methods must be a list of method names, got {type_name(methods)}")
     for method in methods:
         if not isinstance(method, str) or method not in METHODS:
-            raise PlanError(f"unknown method {method!r}; known methods: {', '.join(METHODS)} (upgrade kvplan?)")
+            raise PlanError(
+                f"unknown method {method!r:.40}: this kvplan ({installed_version()}) knows {', '.join(METHODS)}; "
+                f"the plan needs a newer kvplan: {_UPGRADE_HINT}"
+            )
     if len(set(methods)) != len(methods):
         raise PlanError(f"methods lists a method twice: {list(methods)}")
 
 
 def _check_params(params: Any, methods: tuple[str, ...]) -> None:
     if not isinstance(params, dict):
-        raise PlanError(f"params must be a JSON object {{method: {{name: value}}}}, got {_type_name(params)}")
+        raise PlanError(f"params must be a JSON object {{method: {{name: value}}}}, got {type_name(params)}")
     for method, values in params.items():
         if method not in methods:
             raise PlanError(f"params has an entry for {method!r}, which is not an enabled method ({list(methods)})")
         if not isinstance(values, dict):
-            raise PlanError(f"params.{method} must be a JSON object, got {_type_name(values)}")
+            raise PlanError(f"params.{method} must be a JSON object, got {type_name(values)}")
         for name, value in values.items():
-            if not isinstance(name, str) or not _is_scalar(value):
+            if not isinstance(name, str) or not is_scalar(value):
                 raise PlanError(f"params.{method}.{name} = {value!r:.80} must be a JSON scalar")
     for method in methods:
         _check_method_params(method, params.get(method, {}))
 
 
 def _check_method_params(method: str, values: dict[str, Any]) -> None:
-    for name, spec in PARAM_SPECS.get(method, {}).items():
+    spec = registry.get(method)
+    known = {p.name: p for p in spec.runtime_params()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise PlanError(
+            f"params.{method} has parameter(s) {unknown} that this kvplan ({installed_version()}) does not know "
+            f"(known: {sorted(known)}); the plan needs a newer kvplan: {_UPGRADE_HINT}"
+        )
+    for name, param in known.items():
         if name not in values:
-            if spec.required:
-                raise PlanError(f"params.{method}.{name} is required (an integer >= {spec.minimum})")
+            if param.in_plan == "always":
+                raise PlanError(f"params.{method}.{name} is required ({param.describe()})")
             continue
-        value = values[name]
-        if spec.choices is not None:
-            if value not in spec.choices:
-                raise PlanError(f"params.{method}.{name} must be one of {list(spec.choices)}, got {value!r}")
-            continue
-        if not _is_int(value) or not spec.minimum <= value <= MAX_INT:
-            raise PlanError(f"params.{method}.{name} must be an integer >= {spec.minimum}, got {value!r}")
+        try:
+            param.validate(values[name], f"params.{method}.{name}")
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
 
 
 def _check_target_ratio(ratio: Any) -> None:
     if ratio is None:
         return
-    if not _is_number(ratio) or not math.isfinite(ratio) or not 0 < ratio <= 1:
+    if not is_number(ratio) or not math.isfinite(ratio) or not 0 < ratio <= 1:
         raise PlanError(f"target_ratio must be null or a number in (0, 1], got {ratio!r}")
 
 
 def _check_json_dict(what: str, value: Any) -> None:
     if not isinstance(value, dict):
-        raise PlanError(f"{what} must be a JSON object, got {_type_name(value)}")
-    _check_json_value(what, value)
+        raise PlanError(f"{what} must be a JSON object, got {type_name(value)}")
+    check_json_value(what, value)
 
 
-def _expected_shape(spec: TensorSpec, fingerprint: dict[str, Any]) -> tuple[int, ...]:
-    return tuple(fingerprint[_SHAPE_SYMBOLS[symbol]] for symbol in spec.shape)
-
-
-def _check_tensor_basics(name: str, tensor: Any) -> None:
+def _check_tensor_basics(name: str, tensor: Any, methods: tuple[str, ...]) -> None:
     """Name, type, dtype and finiteness rules that hold for every tensor in a plan."""
     if not isinstance(name, str):
         raise PlanError(f"tensor names must be strings, got {name!r}")
@@ -438,8 +291,8 @@ def _check_tensor_basics(name: str, tensor: Any) -> None:
     if match is None or match["method"] not in METHODS:
         raise PlanError(f"tensor name {name!r} must be '<method>.<name>' with <method> one of {', '.join(METHODS)}")
     if not isinstance(tensor, torch.Tensor):
-        raise PlanError(f"tensor {name} must be a torch.Tensor, got {_type_name(tensor)}")
-    if tensor.dtype not in _DTYPE_TAGS:
+        raise PlanError(f"tensor {name} must be a torch.Tensor, got {type_name(tensor)}")
+    if tensor.dtype not in planfile.DTYPE_TAGS:
         raise PlanError(f"tensor {name} has dtype {tensor.dtype}; plan tensors must be float32 or int32")
     if tensor.layout != torch.strided or tensor.device.type == "meta":
         raise PlanError(f"tensor {name} must be a dense tensor with data (got {tensor.layout} on {tensor.device})")
@@ -448,232 +301,43 @@ def _check_tensor_basics(name: str, tensor: Any) -> None:
 
 
 def _check_tensors(tensors: Any, methods: tuple[str, ...], fingerprint: dict[str, Any]) -> None:
+    """Every tensor: basics; each enabled method's required tensor present; every known tensor's shape, dtype and
+    value rules (ranges of inspection tensors too, also of a method that is not enabled). Unknown
+    ``<method>.<name>`` tensors are carried as opaque inspection data: nothing reads or shows them."""
     if not isinstance(tensors, dict):
-        raise PlanError(f"tensors must be a dict name -> torch.Tensor, got {_type_name(tensors)}")
+        raise PlanError(f"tensors must be a dict name -> torch.Tensor, got {type_name(tensors)}")
     for name, tensor in tensors.items():
-        _check_tensor_basics(name, tensor)
-    for method, spec in TENSOR_SPECS.items():
-        present = spec.name in tensors
-        if method in methods and not present:
-            raise PlanError(f"{method} is enabled but the plan has no {spec.name} tensor ({spec.meaning})")
-        if method not in methods and present:
-            raise PlanError(f"tensor {spec.name} is present but {method} is not enabled; enable it or drop the tensor")
-        if present:
-            _check_required_tensor(spec, tensors[spec.name], fingerprint)
-    if "kvsharer" in methods:
-        _check_shared_layer_kinds(tensors[TENSOR_SPECS["kvsharer"].name], fingerprint)
-
-
-def _fingerprint_layer_kinds(fingerprint: dict[str, Any]) -> list[str]:
-    """Attention type of every layer as the fingerprint describes it (the runtime's ``layer_types`` rule)."""
-    kinds = fingerprint.get("layer_types")
-    if kinds is None:
-        kind = "sliding_attention" if fingerprint.get("sliding_window") else "full_attention"
-        kinds = [kind] * fingerprint["num_hidden_layers"]
-    return list(kinds)
-
-
-def _check_shared_layer_kinds(share_source: torch.Tensor, fingerprint: dict[str, Any]) -> None:
-    """KVSharer shares full-attention layers only (a sliding-window source trims its cache as it updates)."""
-    kinds = _fingerprint_layer_kinds(fingerprint)
-    for layer, source in enumerate(int(v) for v in share_source.tolist()):
-        if source != layer and (kinds[layer] != "full_attention" or kinds[source] != "full_attention"):
+        _check_tensor_basics(name, tensor, methods)
+    context = TensorContext(fingerprint=fingerprint, tensors={n: t.detach().cpu() for n, t in tensors.items()})
+    for spec in registry.specs():
+        required = spec.required_tensor
+        if spec.name in methods and required.name not in tensors:
+            raise PlanError(f"{spec.name} is enabled but the plan has no {required.name} tensor ({required.meaning})")
+        if spec.name not in methods and required.name in tensors:
             raise PlanError(
-                f"tensor kvsharer.share_source: layer {layer} ({kinds[layer]}) shares layer {source} "
-                f"({kinds[source]}); only full-attention layers can share a cache"
+                f"tensor {required.name} is present but {spec.name} is not enabled; enable it or drop the tensor"
             )
+        for tensor_spec in spec.tensors:
+            if tensor_spec.name in tensors:
+                _check_tensor(tensor_spec, context.tensors[tensor_spec.name], context)
 
 
-def _check_required_tensor(spec: TensorSpec, tensor: torch.Tensor, fingerprint: dict[str, Any]) -> None:
-    shape = _expected_shape(spec, fingerprint)
-    symbols = ", ".join(spec.shape)
+def _check_tensor(spec, tensor: torch.Tensor, context: TensorContext) -> None:
+    shape = spec.expected_shape(context.fingerprint, tuple(tensor.shape))
+    symbols = ", ".join(map(str, spec.shape))
     if tensor.dtype != spec.dtype or tuple(tensor.shape) != shape:
+        expected = [("*" if s == "*" else d) for s, d in zip(spec.shape, shape)]
         raise PlanError(
-            f"tensor {spec.name} must be {_dtype_name(spec.dtype)} of shape {list(shape)} ([{symbols}] from the "
+            f"tensor {spec.name} must be {_dtype_name(spec.dtype)} of shape {expected} ([{symbols}] from the "
             f"fingerprint), got {_dtype_name(tensor.dtype)} {list(tensor.shape)}"
         )
-    problem = spec.check(tensor.detach().cpu())
+    problem = spec.check(tensor, context)
     if problem:
         raise PlanError(f"tensor {spec.name}: {problem}")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# File format: header parsing (stdlib only, before safetensors sees the bytes) and writing
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _parse_header(data: bytes, source: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Validate the safetensors header and schema version: returns (tensor entries, metadata)."""
-    if len(data) < 8:
-        raise PlanError(f"{source}: not a safetensors file ({len(data)} bytes, need at least 8)")
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > MAX_HEADER_BYTES:
-        raise PlanError(f"{source}: header claims {length} bytes (limit {MAX_HEADER_BYTES}); not a kvplan plan")
-    if 8 + length > len(data):
-        raise PlanError(f"{source}: file is truncated (header needs {length} bytes, {len(data) - 8} present)")
-    try:
-        text = data[8 : 8 + length].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PlanError(f"{source}: header is not UTF-8: {exc}") from exc
-    header = _loads(text, f"{source}: header")
-    if not isinstance(header, dict):
-        raise PlanError(f"{source}: header must be a JSON object, got {_type_name(header)}")
-    metadata = header.pop("__metadata__", None)
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise PlanError(f"{source}: missing or malformed __metadata__ (a string -> string map); not a kvplan plan")
-    _parse_schema_version(metadata, source)  # before the entries: a newer schema may use other dtypes
-    _check_entries(header, len(data) - 8 - length, source)
-    return header, metadata
-
-
-def _check_entries(entries: dict[str, Any], buffer_len: int, source: str) -> None:
-    """Every entry has a known dtype and consistent shape/offsets; offsets tile the buffer exactly."""
-    spans = []
-    for name, entry in entries.items():
-        begin, end = _check_entry(name, entry, source)
-        spans.append((begin, end, name))
-    position = 0
-    for begin, end, name in sorted(spans):
-        if begin != position:
-            raise PlanError(f"{source}: tensor {name} starts at byte {begin}, expected {position} (holes or overlaps)")
-        position = end
-    if position != buffer_len:
-        raise PlanError(f"{source}: tensors cover {position} bytes of a {buffer_len}-byte buffer (truncated or padded)")
-
-
-def _check_entry(name: str, entry: Any, source: str) -> tuple[int, int]:
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise PlanError(f"{source}: tensor {name!r:.80} needs exactly dtype, shape and data_offsets")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPES:
-        raise PlanError(f"{source}: tensor {name!r:.80} has dtype {dtype!r:.20}; plan tensors must be F32 or I32")
-    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d <= MAX_INT for d in shape):
-        raise PlanError(f"{source}: tensor {name!r:.80} has an invalid shape {shape!r:.80}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
-        raise PlanError(f"{source}: tensor {name!r:.80} has invalid data_offsets {offsets!r:.80}")
-    begin, end = offsets
-    needed = math.prod(shape) * 4
-    if end - begin != needed:
-        raise PlanError(f"{source}: tensor {name!r:.80} spans {end - begin} bytes but shape {shape} needs {needed}")
-    return begin, end
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Little-endian bytes of a contiguous CPU copy."""
-    array = tensor.detach().to("cpu").contiguous().numpy()
-    return array.astype(_DTYPES[_DTYPE_TAGS[tensor.dtype]][1], copy=False).tobytes()
-
-
-def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file with sorted keys and tensors in name order: equal inputs give equal bytes."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        chunk = _tensor_bytes(tensors[name])
-        header[name] = {
-            "dtype": _DTYPE_TAGS[tensors[name].dtype],
-            "shape": list(tensors[name].shape),
-            "data_offsets": [offset, offset + len(chunk)],
-        }
-        chunks.append(chunk)
-        offset += len(chunk)
-    text = _dumps(header).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    if len(text) > MAX_HEADER_BYTES:
-        raise PlanError(f"plan metadata is {len(text)} bytes (limit {MAX_HEADER_BYTES}); keep recipe/provenance small")
-    data = struct.pack("<Q", len(text)) + text + b"".join(chunks)
-    if len(data) > MAX_FILE_BYTES:
-        raise PlanError(f"plan is {len(data)} bytes (limit {MAX_FILE_BYTES}); drop large inspection tensors")
-    return data
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the target directory, fsync, then rename over the target."""
-    directory = path.parent
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        mode = 0o644
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if hasattr(os, "fchmod"):  # mkstemp creates 0600; give the plan normal file permissions
-                os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename (POSIX only; best effort)."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _read_limited(path: Path) -> bytes:
-    """The bytes of a local plan file, refusing missing, non-regular or oversized files."""
-    if path.is_dir():
-        path = path / DEFAULT_FILENAME
-    try:
-        size = path.stat().st_size
-        if not path.is_file():
-            raise PlanError(f"{path}: not a regular file")
-        if size > MAX_FILE_BYTES:
-            raise PlanError(f"{path}: {size} bytes is larger than any plan (limit {MAX_FILE_BYTES}); not reading it")
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError as exc:
-        raise PlanError(f"no plan file at {path}; run `python -m calibrate <model> --out {path}` to make one") from exc
-    except OSError as exc:
-        raise PlanError(f"cannot read plan file {path}: {exc}") from exc
-    if len(data) > MAX_FILE_BYTES:
-        raise PlanError(f"{path}: file grew past {MAX_FILE_BYTES} bytes while reading; refusing it")
-    return data
-
-
-def _load_tensors(data: bytes, entries: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """Decode tensors with safetensors after the header checks; any safetensors failure becomes PlanError."""
-    from safetensors.torch import load as safetensors_load
-
-    try:
-        tensors = safetensors_load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError and others; all mean "bad file"
-        raise PlanError(f"{source}: safetensors could not read the tensors: {exc}") from exc
-    if set(tensors) != set(entries):
-        raise PlanError(f"{source}: safetensors read tensors {sorted(tensors)} but the header lists {sorted(entries)}")
-    return tensors
-
-
-def _parse_schema_version(metadata: dict[str, str], source: str) -> None:
-    text = metadata.get("kvplan.schema_version")
-    if text is None:
-        raise PlanError(f"{source}: no kvplan.schema_version metadata; this is not a kvplan plan file")
-    if not (text.isascii() and text.isdigit() and len(text) <= 9):
-        raise PlanError(f"{source}: kvplan.schema_version must be an integer, got {text!r:.40}")
-    version = int(text)
-    if version > SCHEMA_VERSION:
-        raise PlanError(
-            f"{source}: plan schema version {version} is newer than this kvplan supports ({SCHEMA_VERSION}); "
-            "upgrade kvplan (`pip install -U kvplan`)"
-        )
-    if version != SCHEMA_VERSION:
-        raise PlanError(f"{source}: plan schema version {version} is not supported (expected {SCHEMA_VERSION})")
 
 
 def _plan_from_metadata(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source: str) -> "Plan":
@@ -683,8 +347,9 @@ def _plan_from_metadata(metadata: dict[str, str], tensors: dict[str, torch.Tenso
         raise PlanError(f"{source}: metadata is missing {', '.join(missing)}")
     if metadata.get("format", "pt") != "pt":
         raise PlanError(f"{source}: metadata format must be 'pt', got {metadata['format']!r:.40}")
+    parse_version(metadata["kvplan.version"])
     json_keys = ("methods", "params", "fingerprint", "target_ratio", "recipe", "provenance")
-    fields = {key: _loads(metadata[f"{_META_PREFIX}{key}"], f"{source}: kvplan.{key}") for key in json_keys}
+    fields = {key: loads(metadata[f"{_META_PREFIX}{key}"], f"{source}: kvplan.{key}") for key in json_keys}
     _check_methods(fields["methods"])
     return Plan(
         fingerprint=fields["fingerprint"],
@@ -719,7 +384,7 @@ class Plan:
         methods: enabled methods, in ``METHODS`` order (``()`` = a plan that changes nothing).
         params: ``{method: {name: JSON scalar}}`` for enabled methods, e.g. ``{"pyramidinfer": {"window": 32,
             "sink": 4}}``.
-        tensors: ``"<method>.<name>" -> tensor``; per enabled method one required tensor (``TENSOR_SPECS``):
+        tensors: ``"<method>.<name>" -> tensor``; per enabled method one required tensor (its registration in ``runtime.registry``):
             ``pyramidinfer.layer_keep`` float32 ``[L]``, ``kvsharer.share_source`` int32 ``[L]``,
             ``kvcompress.head_keep`` float32 ``[L, H_kv]``, ``kcache.topn`` int32 ``[L]``; any other
             float32/int32 tensor is inspection data the runtime never reads.
@@ -738,7 +403,7 @@ class Plan:
     target_ratio: float | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
-    kvplan_version: str = field(default_factory=_installed_version)
+    kvplan_version: str = field(default_factory=installed_version)
 
     def __post_init__(self) -> None:
         self.methods = _canonical_methods(self.methods)
@@ -776,22 +441,22 @@ class Plan:
     @property
     def layer_keep(self) -> torch.Tensor | None:
         """float32 ``[L]``: fraction of the context each layer keeps (PyramidInfer), or None."""
-        return self.tensors.get(TENSOR_SPECS["pyramidinfer"].name)
+        return self.tensors.get("pyramidinfer.layer_keep")
 
     @property
     def share_source(self) -> torch.Tensor | None:
         """int32 ``[L]``: the layer whose cache each layer reads (KVSharer), or None."""
-        return self.tensors.get(TENSOR_SPECS["kvsharer"].name)
+        return self.tensors.get("kvsharer.share_source")
 
     @property
     def head_keep(self) -> torch.Tensor | None:
         """float32 ``[L, H_kv]``: per-KV-head share of each layer's budget (KV-Compress), or None."""
-        return self.tensors.get(TENSOR_SPECS["kvcompress"].name)
+        return self.tensors.get("kvcompress.head_keep")
 
     @property
     def topn(self) -> torch.Tensor | None:
         """int32 ``[L]``: values read per decode step, 0 = all (KCache), or None."""
-        return self.tensors.get(TENSOR_SPECS["kcache"].name)
+        return self.tensors.get("kcache.topn")
 
     @property
     def is_noop(self) -> bool:
@@ -808,15 +473,16 @@ class Plan:
         _check_target_ratio(self.target_ratio)
         _check_json_dict("recipe", self.recipe)
         _check_json_dict("provenance", self.provenance)
-        if not isinstance(self.kvplan_version, str) or not self.kvplan_version or len(self.kvplan_version) > 100:
-            raise PlanError(f"kvplan_version must be a non-empty short string, got {self.kvplan_version!r:.80}")
+        parse_version(self.kvplan_version)
         _check_tensors(self.tensors, tuple(self.methods), self.fingerprint)
 
     def validate(self, model_or_config: Any) -> None:
         """Raise :class:`PlanError` unless this plan fits ``model_or_config`` (a model, config or fingerprint).
 
-        Structural fields must match exactly; a different ``name_or_path`` or ``revision`` only warns
-        (a fine-tune or a re-upload with the same structure can reuse a plan, at some quality risk).
+        Structural fields must match exactly. Identity only warns (a fine-tune or a re-upload with the same
+        structure can reuse a plan, at some quality risk): when the plan and the model both carry a weights digest
+        of the same dtype, it decides (so the same weights loaded by another route are recognised); otherwise a
+        different ``name_or_path`` or ``revision`` warns.
         """
         self.check()
         model = fingerprint_from_model(model_or_config)
@@ -833,6 +499,16 @@ class Plan:
         self._warn_identity(model)
 
     def _warn_identity(self, model: dict[str, Any]) -> None:
+        mine, theirs = self.fingerprint.get("weights"), model.get("weights")
+        if mine and theirs and mine.split(":")[0] == theirs.split(":")[0]:
+            if mine != theirs:
+                warnings.warn(
+                    f"the model's weights differ from those the plan was calibrated on "
+                    f"({self.fingerprint.get('name_or_path') or 'unnamed'}); the structure matches, so the plan is "
+                    "applied, but its quality was measured on the other weights",
+                    stacklevel=3,
+                )
+            return
         for key in ("name_or_path", "revision"):
             mine, theirs = self.fingerprint.get(key), model.get(key)
             if mine and theirs and mine != theirs:
@@ -858,23 +534,23 @@ class Plan:
 
     def metadata(self) -> dict[str, str]:
         """The safetensors ``__metadata__`` map (all strings) this plan is saved with."""
-        ratio = float(self.target_ratio) if _is_number(self.target_ratio) else self.target_ratio
+        ratio = float(self.target_ratio) if is_number(self.target_ratio) else self.target_ratio
         return {
             "format": "pt",
             "kvplan.schema_version": str(SCHEMA_VERSION),
             "kvplan.version": self.kvplan_version,
-            "kvplan.methods": _dumps(list(self.methods)),
-            "kvplan.params": _dumps(self.params),
-            "kvplan.fingerprint": _dumps(self.fingerprint),
-            "kvplan.target_ratio": _dumps(ratio),
-            "kvplan.recipe": _dumps(self.recipe),
-            "kvplan.provenance": _dumps(self.provenance),
+            "kvplan.methods": dumps(list(self.methods)),
+            "kvplan.params": dumps(self.params),
+            "kvplan.fingerprint": dumps(self.fingerprint),
+            "kvplan.target_ratio": dumps(ratio),
+            "kvplan.recipe": dumps(self.recipe),
+            "kvplan.provenance": dumps(self.provenance),
         }
 
     def to_bytes(self) -> bytes:
         """The file content :meth:`save` writes (validated; deterministic)."""
         self.check()
-        return _serialize(self.tensors, self.metadata())
+        return planfile.serialize(self.tensors, self.metadata())
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Validate and write the plan atomically to ``path``; returns the path.
@@ -884,7 +560,7 @@ class Plan:
         target = Path(path)
         data = self.to_bytes()
         try:
-            _write_atomic(target, data)
+            planfile.write_atomic(target, data)
         except OSError as exc:
             raise PlanError(f"cannot write plan to {target}: {exc}") from exc
         return target
@@ -892,10 +568,10 @@ class Plan:
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "Plan":
         """Parse and validate plan file content; raises only :class:`PlanError` for bad content."""
-        if len(data) > MAX_FILE_BYTES:
-            raise PlanError(f"{source}: {len(data)} bytes is larger than any plan (limit {MAX_FILE_BYTES})")
-        entries, metadata = _parse_header(data, source)
-        tensors = _load_tensors(data, entries, source)
+        if len(data) > planfile.MAX_FILE_BYTES:
+            raise PlanError(f"{source}: {len(data)} bytes is larger than any plan (limit {planfile.MAX_FILE_BYTES})")
+        entries, metadata = planfile.parse_header(data, source)
+        tensors = planfile.load_tensors(data, entries, source)
         plan = _plan_from_metadata(metadata, tensors, source)
         try:
             plan.check()
@@ -906,22 +582,22 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Plan":
         """Read and validate a local plan file (or a directory holding ``plan.safetensors``)."""
-        return cls.from_bytes(_read_limited(Path(path)), source=str(path))
+        return cls.from_bytes(planfile.read_limited(Path(path)), source=str(path))
 
     @classmethod
     def from_pretrained(
         cls, repo_id: str, revision: str | None = None, filename: str = DEFAULT_FILENAME, **hub_kwargs: Any
     ) -> "Plan":
         """Download (or find in the HF cache) ``filename`` of Hub repo ``repo_id`` and load it."""
-        from .hub import download_plan
-
-        return download_plan(repo_id, revision=revision, filename=filename, **hub_kwargs)
+        path = hub.download_file(repo_id, revision=revision, filename=filename, **hub_kwargs)
+        try:
+            return cls.load(path)
+        except PlanError as exc:
+            raise PlanError(f"{hub.where(repo_id, filename, revision)}: {exc}") from exc
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload the plan, its recipe and a model card to Hub repo ``repo_id``; returns the commit sha."""
-        from .hub import push_plan
-
-        return push_plan(self, repo_id, **kwargs)
+        return hub.push_plan(self, repo_id, **kwargs)
 
     # -- display -------------------------------------------------------------------------------------------
 
@@ -965,14 +641,6 @@ def _normalize(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """``org/name`` with Hub-legal characters (and not a file name such as ``x/plan.safetensors``)."""
-    return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".safetensors")
-
-
 def load_plan(path_or_repo_id: str | os.PathLike[str], revision: str | None = None, **hub_kwargs: Any) -> Plan:
     """Load a plan from a local file/directory, or else from a Hub repo id (``org/name``).
 
@@ -984,11 +652,9 @@ def load_plan(path_or_repo_id: str | os.PathLike[str], revision: str | None = No
             warnings.warn(f"{path_or_repo_id} is a local path; revision/hub arguments are ignored", stacklevel=2)
         return Plan.load(path_or_repo_id)
     if not isinstance(path_or_repo_id, str):
-        raise PlanError(f"load_plan needs a path or a Hub repo id, got {_type_name(path_or_repo_id)}")
-    if looks_like_repo_id(path_or_repo_id):
-        from .hub import download_plan
-
-        return download_plan(path_or_repo_id, revision=revision, **hub_kwargs)
+        raise PlanError(f"load_plan needs a path or a Hub repo id, got {type_name(path_or_repo_id)}")
+    if hub.looks_like_repo_id(path_or_repo_id):
+        return Plan.from_pretrained(path_or_repo_id, revision=revision, **hub_kwargs)
     raise PlanError(
         f"no plan file at {path_or_repo_id} (and it is not a Hub repo id like 'org/name'); "
         f"run `python -m calibrate <model> --out {path_or_repo_id}` to make one"

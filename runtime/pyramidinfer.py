@@ -20,13 +20,16 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .layers import Held, LayerPlan, PlanLayer, tensor_bytes
+from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
+
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
 
 @dataclass(frozen=True)
 class PyramidParams:
-    """Per-layer PyramidInfer settings taken from a plan.
+    """Per-layer PyramidInfer settings taken from a plan (defaults: :data:`METHOD`'s parameters).
 
     Attributes:
         keep: fraction of the seen tokens this layer keeps, in (0, 1].
@@ -40,14 +43,20 @@ class PyramidParams:
     """
 
     keep: float
-    window: int = 32
-    sink: int = 4
-    slack: int | None = None
-    pool: int = 1
-    head_reduce: str = "mean"
+    window: int
+    sink: int
+    slack: int | None
+    pool: int
+    head_reduce: str
+    per_kv_head: bool = False
+
+    @property
+    def selection_heads(self) -> int | None:
+        """``H_s``: 1 when every KV head keeps the same tokens, None for one selection per KV head."""
+        return None if self.per_kv_head else 1
 
     def budget(self, seen: torch.Tensor) -> torch.Tensor:
-        """Tokens to keep for rows that have seen ``seen`` real tokens (int64 ``[B]``)."""
+        """Tokens to keep for (rows, heads) that have seen ``seen`` real tokens (int64, any shape)."""
         want = torch.ceil(seen.to(torch.float64) * self.keep).to(torch.int64)
         floor = torch.clamp(seen, max=self.sink + self.window)
         return torch.minimum(torch.maximum(want, floor), seen)
@@ -67,6 +76,7 @@ def window_scores(
     window: int,
     pool: int = 1,
     head_reduce: str = "mean",
+    per_kv_head: bool = False,
 ) -> torch.Tensor:
     """Mean attention probability that the last ``window`` real queries give each key.
 
@@ -79,10 +89,11 @@ def window_scores(
         pool: average-pooling width along the sequence applied to the result (1 = none; padding counts as 0,
             so a row of a padded batch scores exactly as it does alone).
         head_reduce: ``mean`` or ``max`` over query heads.
+        per_kv_head: reduce over each KV head's group of query heads (GQA) instead of over all query heads.
 
     Returns:
-        float32 ``[B, T]``: over the real window queries, the mean of their attention probabilities reduced over
-        query heads (causal within the window; padding gets 0).
+        float32 ``[B, H_s, T]`` (``H_s`` = ``H_kv`` with ``per_kv_head``, else 1): over the real window queries, the
+        mean of their attention probabilities reduced over query heads (causal within the window; padding gets 0).
     """
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv = keys.shape[1]
@@ -97,23 +108,28 @@ def window_scores(
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # [B, w, T]
     logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows of padding queries are all -inf
-    per_query = reduce_heads(probs, head_reduce)  # [B, w, T]
-    real_q = key_valid[:, -w:]  # a window query is real when its own token is
-    n_real = real_q.sum(dim=1, keepdim=True).clamp(min=1)
-    scores = (per_query * real_q[:, :, None]).sum(dim=1) / n_real
+    per_query = reduce_heads(probs, head_reduce, per_kv_head)  # [B, H_s, w, T]
+    real_q = key_valid[:, None, -w:, None]  # a window query is real when its own token is
+    n_real = key_valid[:, -w:].sum(dim=1)[:, None, None].clamp(min=1)
+    scores = (per_query * real_q).sum(dim=2) / n_real  # [B, H_s, T]
     if pool > 1:
-        scores = torch.nn.functional.avg_pool1d(scores[:, None], pool, stride=1, padding=pool // 2)[:, 0, :total]
-        scores = scores * key_valid
+        flat = scores.reshape(-1, 1, total)
+        pooled = torch.nn.functional.avg_pool1d(flat, pool, stride=1, padding=pool // 2)[:, 0, :total]
+        scores = pooled.view(bsz, -1, total) * key_valid[:, None, :]
     return scores
 
 
-def reduce_heads(probs: torch.Tensor, how: str) -> torch.Tensor:
-    """``[B, H_kv, G, Q, T]`` probabilities → ``[B, Q, T]`` by ``mean`` or ``max`` over the query heads."""
+def reduce_heads(probs: torch.Tensor, how: str, per_kv_head: bool = False) -> torch.Tensor:
+    """``[B, H_kv, G, Q, T]`` probabilities → ``[B, H_s, Q, T]`` by ``mean`` or ``max`` over the query heads of
+    each KV head's group (``per_kv_head``: ``H_s = H_kv``) or over all query heads (``H_s = 1``)."""
+    dims = (2,) if per_kv_head else (1, 2)
     if how == "max":
-        return probs.amax(dim=(1, 2))
-    if how == "mean":
-        return probs.mean(dim=(1, 2))
-    raise ValueError(f"head_reduce must be 'mean' or 'max', not {how!r}")
+        out = probs.amax(dim=dims)
+    elif how == "mean":
+        out = probs.mean(dim=dims)
+    else:
+        raise ValueError(f"head_reduce must be 'mean' or 'max', not {how!r}")
+    return out if per_kv_head else out.unsqueeze(1)
 
 
 def attend(
@@ -123,66 +139,134 @@ def attend(
     allowed: torch.Tensor,
     scaling: float,
     head_reduce: str = "mean",
+    per_kv_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention over what a layer holds, returning the output and the head-mean probabilities.
+    """Plain attention over what a layer holds, returning the output and the head-reduced probabilities.
 
     Args:
         query: ``[B, H_q, Q, d]``; keys/values: ``[B, H_kv, T, d]`` (grouped-query heads are not copied).
-        allowed: bool ``[B, Q, T]``.
+        allowed: bool ``[B, H_s, Q, T]`` (``H_s`` 1 or ``H_kv``).
 
     Returns:
-        output ``[B, Q, H_q, d]`` (the layout transformers' attention functions return) and float32 ``[B, Q, T]``
-        probabilities reduced over query heads (``head_reduce``).
+        output ``[B, Q, H_q, d]`` (the layout transformers' attention functions return) and float32
+        ``[B, H_s, Q, T]`` probabilities reduced over query heads (``head_reduce``, per KV head or over all).
     """
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv, total = keys.shape[1], keys.shape[2]
     groups = n_q_heads // n_kv
     q = query.reshape(bsz, n_kv, groups * q_len, dim)
     logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
-    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill(~allowed[:, None, None], NEG_INF)
+    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill(~allowed[:, :, None], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs.view(bsz, n_kv, groups * q_len, total).to(values.dtype), values)
     out = out.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
-    return out, reduce_heads(probs, head_reduce)
+    return out, reduce_heads(probs, head_reduce, per_kv_head)
 
 
-class BudgetedLayer(DynamicLayer):
+class DenseStorage:
+    """K/V of a layer as one rectangle per batch row, with per-slot bookkeeping for a selection.
+
+    Holds ``keys``/``values`` ``[B, H_kv, T, d]``, ``positions`` int32 ``[B, H_s, T]`` (index of each slot's token in
+    the full sequence) and ``scores`` float32 ``[B, H_s, T]`` (attention received; ``-inf`` marks an empty slot —
+    padding, or a slot a narrower row or head left empty —, ``+inf`` a sink). ``H_s`` is 1 when every KV head keeps
+    the same tokens; with ``H_s = H_kv`` each head keeps its own, and the rectangle is as wide as the widest head.
+    """
+
+    def __init__(self, selection_heads: int | None):
+        self.selection_heads = selection_heads  # 1, or None for one selection per KV head
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, first_position: int) -> None:
+        """Append a chunk ``[B, H_kv, Q, d]``; its slots get positions ``first_position ..`` and score 0."""
+        bsz, n_kv, q_len, _ = key_states.shape
+        heads = self.selection_heads or n_kv
+        new_pos = torch.arange(first_position, first_position + q_len, device=key_states.device, dtype=torch.int32)
+        new_pos = new_pos.expand(bsz, heads, q_len)
+        if self.positions is None:
+            self.positions = new_pos.contiguous()
+            self.scores = torch.zeros(new_pos.shape, dtype=torch.float32, device=key_states.device)
+            # a copy, as DynamicLayer's cat makes: the model's tensor may be a view of a larger (fused) buffer
+            self.keys, self.values = key_states.clone(), value_states.clone()
+        else:
+            self.positions = torch.cat([self.positions, new_pos], dim=-1)
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(new_pos.shape)], dim=-1)
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+
+    def valid(self) -> torch.Tensor:
+        """bool ``[B, H_s, T]``: slots holding a real token."""
+        return self.scores > NEG_INF
+
+    def gather(self, idx: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep slots ``idx`` int64 ``[B, H_s, W]`` (ascending); slots where ``kept`` is False become empty."""
+        n_kv, dim = self.keys.shape[1], self.keys.shape[3]
+        idx_kv = idx[:, :, :, None].expand(-1, n_kv, -1, dim)  # H_s = 1 broadcasts to every KV head
+        self.keys = self.keys.gather(2, idx_kv)
+        self.values = self.values.gather(2, idx_kv)
+        self.positions = self.positions.gather(-1, idx)
+        self.scores = self.scores.gather(-1, idx).masked_fill(~kept, NEG_INF)
+
+    def select_rows(self, fn) -> None:
+        for name in ("keys", "values", "positions", "scores"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def tensors(self) -> tuple:
+        return (self.keys, self.values, self.positions, self.scores)
+
+    def clear(self) -> None:
+        self.keys = self.values = self.positions = self.scores = None
+
+
+class BudgetedLayer(DynamicLayer, PlanLayer):
     """Cache layer that physically keeps a budget of the tokens it has seen (PyramidInfer).
 
-    Holds ``keys``/``values`` ``[B, H_kv, T, d]``, ``positions`` int32 ``[B, T]`` (index of each kept token in the
-    full sequence, i.e. the column of transformers' attention mask) and ``scores`` float32 ``[B, T]`` (attention
-    received; ``-inf`` marks a padding slot, ``+inf`` a sink). ``get_seq_length()`` reports the tokens *seen*, so
-    positions and masks stay those of the full sequence; ``kept_length()`` is what is really held.
+    Storage: :class:`DenseStorage`. Selection: every (row, selection head) keeps ``params.budget(seen)`` of its real
+    tokens, scored by the attention of recent queries (``window_scores`` at prefill, a moving average while
+    decoding), sinks and the recent window protected. With ``params.per_kv_head`` each KV head scores and keeps its
+    own tokens; otherwise every head of the layer keeps the same ones (PyramidInfer). ``get_seq_length()`` reports
+    the tokens *seen*, so positions and masks stay those of the full sequence; ``kept_length()`` is the width held.
     """
 
     def __init__(self, params: PyramidParams, readers: int = 0):
         super().__init__()
         self.params = params
         self.readers = readers  # KVSharer: later layers that attend over this layer's cache
+        self.storage = DenseStorage(params.selection_heads)
         self._pending: dict | None = None  # this step's votes while readers still have to attend
         self.seen = 0
-        self.positions: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
-        self.real_seen: torch.Tensor | None = None  # int64 [B]: non-padding tokens seen per row
+        self.real_seen: torch.Tensor | None = None  # int64 [B, H_s]: non-padding tokens seen per row
         self.prefill_end = 0  # tokens seen when the first chunk was compressed; later tokens are decode-born
         self.compressed = False
 
+    # ----- views of the storage (read-only names kept for callers and tests) ---------------------------------
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self.storage.positions
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return self.storage.scores
+
     # ----- transformers' layer protocol -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q_len = key_states.shape[-2]
-        new_pos = torch.arange(self.seen, self.seen + q_len, device=key_states.device, dtype=torch.int32)
-        new_pos = new_pos.expand(key_states.shape[0], q_len)
-        if self.positions is None:
-            self.positions = new_pos.contiguous()
-            self.scores = torch.zeros(new_pos.shape, dtype=torch.float32, device=key_states.device)
-        else:
-            self.positions = torch.cat([self.positions, new_pos], dim=1)
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(new_pos.shape)], dim=1)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.seen += q_len
+        self.storage.append(key_states, value_states, self.seen)
+        self.keys, self.values = self.storage.keys, self.storage.values
+        self.seen += key_states.shape[-2]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -197,11 +281,11 @@ class BudgetedLayer(DynamicLayer):
         return self.seen + q_len, 0
 
     def reset(self) -> None:
-        super().reset()
+        self.storage.clear()
         self.keys = self.values = None
         self.is_initialized = False
         self.seen = 0
-        self.positions = self.scores = self.real_seen = None
+        self.real_seen = None
         self.prefill_end = 0
         self.compressed = False
         self._pending = None
@@ -213,10 +297,10 @@ class BudgetedLayer(DynamicLayer):
         )
 
     def _select_rows(self, fn) -> None:
-        for name in ("keys", "values", "positions", "scores", "real_seen"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
+        self.storage.select_rows(fn)
+        self.keys, self.values = self.storage.keys, self.storage.values
+        if self.real_seen is not None:
+            self.real_seen = fn(self.real_seen)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -227,60 +311,86 @@ class BudgetedLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-    # ----- what the layer holds ---------------------------------------------------------------------------------
-    def kept_length(self) -> int:
-        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+    # ----- the plan-layer interface -------------------------------------------------------------------------------
+    def held(self) -> Held:
+        if self.storage.keys is None:
+            raise RuntimeError("kvplan: the layer has not cached anything yet")
+        return Held(self.storage.keys, self.storage.values, self.storage.positions, self.storage.valid())
 
-    def physical_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for t in (self.keys, self.values, self.positions, self.scores, self.real_seen)
-            if t is not None
-        )
+    def holds_anything(self) -> bool:
+        return self.storage.width > 0
+
+    def kept_length(self) -> int:
+        return self.storage.width
+
+    def kept_lengths(self) -> torch.Tensor:
+        if self.storage.keys is None:
+            return torch.zeros(0, 0, dtype=torch.int64)
+        n_kv = self.storage.keys.shape[1]
+        return self.storage.valid().sum(dim=-1).expand(-1, n_kv).to(torch.int64)
+
+    def physical_bytes(self, by_device: bool = False):
+        return tensor_bytes((*self.storage.tensors(), self.real_seen), by_device)
 
     def key_valid(self) -> torch.Tensor:
-        """bool ``[B, T]``: slots holding a real (non-padding) token."""
-        return self.scores > NEG_INF
+        """bool ``[B, H_s, T]``: slots holding a real (non-padding) token."""
+        return self.storage.valid()
+
+    def check_forward(self, layer_idx: int, where: str) -> None:
+        if self._pending is not None:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} waited for sharing layers that never attended over its cache in this "
+                f"forward pass ({where}); please report it with the model id"
+            )
+        if self.seen > 0 and not self.compressed:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} cached tokens without going through kvplan's attention function; this "
+                f"architecture ({where}) does not pass keyword arguments down to attention, so the plan cannot be "
+                "applied to it. Please report it with the model id."
+            )
 
     # ----- attention ----------------------------------------------------------------------------------------------
     def attention(
-        self, query: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, prefill_fn
+        self, query: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, exact
     ) -> torch.Tensor:
         """Attention of ``query`` (the chunk just appended) over what the layer holds, then compression.
 
         ``full_mask`` is the bool mask ``[B|1, 1, Q, seen]`` over the full sequence, or ``None`` when there is no
-        padding. ``prefill_fn(keys, values)`` computes the exact (stock) output of the first chunk.
+        padding. ``exact(keys, values)`` computes the exact (stock) output of the first chunk.
         Returns ``[B, Q, H_q, d]``. When other layers read this cache (KVSharer), compression waits until the
         last of them has attended (:meth:`reader_attention`), and their queries vote on what is kept.
         """
-        q_len = query.shape[2]
+        p = self.params
         if not self.compressed:
-            out = prefill_fn(self.keys, self.values)
+            out = exact(self.storage.keys, self.storage.values)
             self._pending = {"prefill": True, "mask": full_mask, "votes": [self._prefill_scores(query, full_mask, scaling)]}
         else:
-            allowed = self._allowed(full_mask, q_len)
-            out, probs = attend(query, self.keys, self.values, allowed, scaling, self.params.head_reduce)
+            allowed = self._allowed(full_mask, query.shape[2])
+            out, probs = attend(query, self.storage.keys, self.storage.values, allowed, scaling, p.head_reduce,
+                                p.per_kv_head)
             self._pending = {"prefill": False, "allowed": allowed, "votes": [probs]}
         if self.readers == 0:
             self._finish_step()
         return out
 
     def reader_attention(
-        self, query: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, prefill_fn
+        self, query: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, exact
     ) -> torch.Tensor:
         """Attention of a sharing layer's ``query`` over this layer's cache, in the same forward pass.
 
-        The first chunk is exact over every key (``prefill_fn``), later chunks attend over what this layer holds;
+        The first chunk is exact over every key (``exact``), later chunks attend over what this layer holds;
         the reader's attention joins this layer's in choosing what to keep. The last reader compresses.
         """
         pending = self._pending
         if pending is None:
             raise RuntimeError("kvplan: a sharing layer attended before its source layer in this forward pass")
+        p = self.params
         if pending["prefill"]:
-            out = prefill_fn(self.keys, self.values)
+            out = exact(self.storage.keys, self.storage.values)
             pending["votes"].append(self._prefill_scores(query, full_mask, scaling))
         else:
-            out, probs = attend(query, self.keys, self.values, pending["allowed"], scaling, self.params.head_reduce)
+            out, probs = attend(query, self.storage.keys, self.storage.values, pending["allowed"], scaling,
+                                p.head_reduce, p.per_kv_head)
             pending["votes"].append(probs)
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()
@@ -304,72 +414,76 @@ class BudgetedLayer(DynamicLayer):
         if pending["prefill"]:
             self._compress_prefill(combined, pending["mask"])
         else:
-            q_len = combined.shape[1]
+            q_len = combined.shape[-2]
             self._fold_scores(combined, pending["allowed"])
             self._count_new_tokens(q_len)
             self._maybe_compact()
 
     def _prefill_scores(self, query, full_mask, scaling) -> torch.Tensor:
-        """float32 ``[B, T]`` window scores of ``query`` over every key held (the whole first chunk)."""
-        valid = _key_valid_from_mask(full_mask, query.shape[0], self.keys.shape[2], query.device)
+        """float32 ``[B, H_s, T]`` window scores of ``query`` over every key held (the whole first chunk)."""
+        keys = self.storage.keys
+        valid = _key_valid_from_mask(full_mask, query.shape[0], keys.shape[2], query.device)
         p = self.params
-        return window_scores(query, self.keys, valid, scaling, p.window, p.pool, p.head_reduce)
+        return window_scores(query, keys, valid, scaling, p.window, p.pool, p.head_reduce, p.per_kv_head)
 
     def _compress_prefill(self, scores: torch.Tensor, full_mask) -> None:
-        bsz, total = self.keys.shape[0], self.keys.shape[2]
-        valid = _key_valid_from_mask(full_mask, bsz, total, self.keys.device)
+        keys = self.storage.keys
+        bsz, total = keys.shape[0], keys.shape[2]
+        valid = _key_valid_from_mask(full_mask, bsz, total, keys.device)[:, None, :]  # [B, 1, T]
         scores = scores.masked_fill(~valid, NEG_INF)
-        rank = valid.long().cumsum(dim=1)  # 1-based rank of each real token in its row
+        rank = valid.long().cumsum(dim=-1)  # 1-based rank of each real token in its row
         scores = scores.masked_fill(valid & (rank <= self.params.sink), POS_INF)
-        self.scores = scores
-        self.real_seen = valid.sum(dim=1)
+        self.storage.scores = scores
+        self.real_seen = valid.sum(dim=-1).expand(-1, scores.shape[1]).contiguous()  # [B, H_s]
         self.prefill_end = self.seen
         self.compressed = True
         self._compact(self.params.budget(self.real_seen))
 
     def _allowed(self, full_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
-        """bool ``[B, Q, T]`` over the held slots: old real tokens, plus the new chunk's own (causal) mask."""
-        bsz, total = self.keys.shape[0], self.keys.shape[2]
-        old = self.key_valid()[:, : total - q_len]
+        """bool ``[B, H_s, Q, T]`` over the held slots: old real tokens, plus the new chunk's own (causal) mask."""
+        valid = self.storage.valid()
+        bsz, heads, total = valid.shape
+        old = valid[:, :, : total - q_len]
         if full_mask is None:
             new = torch.ones(q_len, q_len, dtype=torch.bool, device=old.device).tril()
-            new = new.expand(bsz, q_len, q_len)
+            new = new.expand(bsz, heads, q_len, q_len)
         else:
-            new = full_mask[:, 0, :, -q_len:].expand(bsz, q_len, q_len)
-        return torch.cat([old[:, None, :].expand(bsz, q_len, total - q_len), new], dim=2)
+            new = full_mask[:, :, :, -q_len:].expand(bsz, heads, q_len, q_len)
+        return torch.cat([old[:, :, None, :].expand(bsz, heads, q_len, total - q_len), new], dim=-1)
 
     def _fold_scores(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
         """Exponential moving average of the attention each held token receives (about ``window`` steps)."""
         gamma = 1.0 - 1.0 / max(self.params.window, 1)
-        total = self.scores.shape[1]
-        q_len = probs.shape[1]
-        new_real = allowed[:, torch.arange(q_len), total - q_len + torch.arange(q_len)]  # [B, Q] own diagonal
-        scores = self.scores.clone()
-        scores[:, total - q_len :] = torch.where(new_real, 0.0, NEG_INF)
+        total = self.storage.scores.shape[-1]
+        q_len = probs.shape[-2]
+        steps = torch.arange(q_len)
+        new_real = allowed[:, :, steps, total - q_len + steps]  # [B, H_s, Q] own diagonal
+        scores = self.storage.scores.clone()
+        scores[:, :, total - q_len :] = torch.where(new_real, 0.0, NEG_INF)
         for i in range(q_len):
-            scores = gamma * scores + (1.0 - gamma) * probs[:, i]
-        self.scores = scores
+            scores = gamma * scores + (1.0 - gamma) * probs[:, :, i]
+        self.storage.scores = scores
 
     def _count_new_tokens(self, q_len: int) -> None:
-        total = self.scores.shape[1]
-        self.real_seen = self.real_seen + self.key_valid()[:, total - q_len :].sum(dim=1)
+        total = self.storage.scores.shape[-1]
+        self.real_seen = self.real_seen + self.storage.valid()[:, :, total - q_len :].sum(dim=-1)
 
     def _maybe_compact(self) -> None:
-        """Compact each row that holds more than its budget plus slack; the others keep what they hold.
+        """Compact each (row, head) that holds more than its budget plus slack; the others keep what they hold.
 
         Decisions are per row, from that row's own counts, so a row of a padded batch evolves exactly as it
         would alone.
         """
         budget = self.params.budget(self.real_seen)
-        held = self.key_valid().sum(dim=1)
+        held = self.storage.valid().sum(dim=-1)
         over = held > budget + self.params.slack_for(budget)
         if bool(over.any()):
             self._compact(torch.where(over, budget, held))
 
     def _effective_scores(self) -> torch.Tensor:
         """Scores with the moving-average start-up bias of decode-born tokens removed, recent window protected."""
-        scores = self.scores
-        born = self.positions.long()
+        scores = self.storage.scores
+        born = self.storage.positions.long()
         young = born >= self.prefill_end
         if young.any():
             gamma = 1.0 - 1.0 / max(self.params.window, 1)
@@ -378,28 +492,24 @@ class BudgetedLayer(DynamicLayer):
             scores = torch.where(young & torch.isfinite(scores), scores / correction, scores)
         recent = torch.zeros_like(scores, dtype=torch.bool)
         if self.params.window > 0:
-            recent[:, -self.params.window :] = True
+            recent[..., -self.params.window :] = True
         return torch.where(recent & (scores > NEG_INF), POS_INF, scores)
 
     def _compact(self, budget: torch.Tensor) -> None:
-        """Keep, per row, its ``budget`` best tokens (original order); rows needing fewer get padding slots."""
-        total = self.kept_length()
-        # the rectangle is as wide as its widest row; narrower rows mark what they drop as padding slots
+        """Keep, per (row, head), its ``budget`` best tokens (original order); narrower ones get empty slots."""
+        total = self.storage.width
+        # the rectangle is as wide as its widest (row, head); narrower ones mark what they drop as empty slots
         width = min(int(budget.max()), total)
         scores = self._effective_scores()
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        order = torch.argsort(scores, dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(total, device=order.device).expand_as(order))
-        keep = rank < budget[:, None]
-        # take the kept slots first, then (for narrower rows) the best leftovers as padding slots; original order
+        rank.scatter_(-1, order, torch.arange(total, device=order.device).expand_as(order))
+        keep = rank < budget[..., None]
+        # take the kept slots first, then (for narrower rows) the best leftovers as empty slots; original order
         pick = torch.where(keep, 2.0, 0.0) + torch.where(scores > NEG_INF, 1.0, 0.0)
-        idx = torch.topk(pick, width, dim=1, sorted=False).indices.sort(dim=1).values
-        kept = keep.gather(1, idx)
-        idx_kv = idx[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[3])
-        self.keys = self.keys.gather(2, idx_kv)
-        self.values = self.values.gather(2, idx_kv)
-        self.positions = self.positions.gather(1, idx)
-        self.scores = self.scores.gather(1, idx).masked_fill(~kept, NEG_INF)
+        idx = torch.topk(pick, width, dim=-1, sorted=False).indices.sort(dim=-1).values
+        self.storage.gather(idx, keep.gather(-1, idx))
+        self.keys, self.values = self.storage.keys, self.storage.values
 
 
 def _key_valid_from_mask(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
@@ -414,4 +524,91 @@ def theoretical_kept(seen: int, params: PyramidParams) -> int:
     return int(params.budget(torch.tensor([seen]))[0]) if seen > 0 else 0
 
 
-__all__ = ["BudgetedLayer", "PyramidParams", "window_scores", "attend", "theoretical_kept"]
+# ----------------------------------------------------------------------------------------------------------
+# The registration: plan schema, parameters, runtime hook
+# ----------------------------------------------------------------------------------------------------------
+
+_TOLERANCE = 1e-4  # float32 sums of probabilities may exceed 1 by rounding
+
+
+def _check_layer_keep(values: torch.Tensor, context: TensorContext) -> str | None:
+    """Every entry in (0, 1]."""
+    if bool(((values <= 0) | (values > 1)).any()):
+        return "every value must be in (0, 1]"
+    return None
+
+
+def _readers(context: TensorContext) -> torch.Tensor:
+    """Readers of each layer under the plan's KVSharer map (zeros without one)."""
+    layers = int(context.fingerprint["num_hidden_layers"])
+    sources = context.tensors.get("kvsharer.share_source")
+    if sources is None or tuple(sources.shape) != (layers,):
+        return torch.zeros(layers)
+    sources = sources.long().clamp(0, layers - 1)
+    counts = torch.bincount(sources, minlength=layers)[:layers].float()
+    return counts - (sources == torch.arange(layers)).float()
+
+
+def _check_captured_curve(values: torch.Tensor, context: TensorContext) -> str | None:
+    """Captured attention mass per layer on a grid of keep fractions: non-decreasing along the grid, within
+    ``[0, 1 + readers]`` (an owner's curve adds one curve per KVSharer reader)."""
+    if values.shape[1] < 2:
+        return "needs at least 2 grid points (keep fractions 0 and 1)"
+    limit = 1.0 + _readers(context)[:, None] + _TOLERANCE
+    if bool((values < -_TOLERANCE).any()) or bool((values > limit).any()):
+        return "values must be in [0, 1] (plus 1 per layer that reads this layer's cache)"
+    if bool((values[:, 1:] < values[:, :-1] - _TOLERANCE).any()):
+        return "each layer's curve must be non-decreasing along the grid"
+    return None
+
+
+def _check_captured_mass(values: torch.Tensor, context: TensorContext) -> str | None:
+    if bool((values < -_TOLERANCE).any()) or bool((values > 1 + _TOLERANCE).any()):
+        return "values must be in [0, 1] (a fraction of attention mass)"
+    return None
+
+
+def configure(plan, layers: list[LayerPlan], config) -> None:
+    """Give every full-attention layer with ``layer_keep < 1`` its token budget (sliding-window layers are already
+    bounded by their window and keep what they see)."""
+    keep = plan.tensors["pyramidinfer.layer_keep"].tolist()
+    args = METHOD.read_params(plan.params.get("pyramidinfer", {}))
+    for layer, fraction in zip(layers, keep):
+        if layer.kind == "full_attention" and fraction < 1.0:
+            layer.selection = PyramidParams(keep=float(fraction), **args)
+
+
+METHOD = MethodSpec(
+    name="pyramidinfer",
+    description="PyramidInfer: each layer keeps a calibrated fraction of the context, chosen by recent-query "
+    "attention (sink tokens and the recent window are always kept)",
+    tensors=(
+        TensorSpec("pyramidinfer.layer_keep", torch.float32, ("L",), _check_layer_keep,
+                   "fraction of the context each layer keeps, in (0, 1]"),
+        TensorSpec("pyramidinfer.captured_curve", torch.float32, ("L", "*"), _check_captured_curve,
+                   "calibration: attention mass captured at keep fractions 0..1 (grid)", required=False),
+        TensorSpec("pyramidinfer.captured_mass", torch.float32, ("L",), _check_captured_mass,
+                   "calibration: attention mass captured at the chosen fraction", required=False),
+    ),
+    params=(
+        ParamSpec("window", "int", 32, "recent tokens always kept; also the number of last queries that score the "
+                  "context", minimum=1, in_plan="always"),
+        ParamSpec("sink", "int", 4, "first tokens always kept (attention sinks)", minimum=0,
+                  in_plan="always"),
+        ParamSpec("slack", "int", None, "tokens a layer may hold above its budget before it compacts while "
+                  "decoding (unset: max(4, budget // 64))", minimum=0),
+        ParamSpec("pool", "int", 1, "average-pooling width of the prefill scores along the sequence (1 = none)",
+                  minimum=1),
+        ParamSpec("head_reduce", "str", "mean", "how the query heads' attention is combined into one score per "
+                  "token", choices=("mean", "max")),
+        ParamSpec("horizon", "int", 64, "calibration: queries after each cut point whose attention measures what a "
+                  "budget captures", minimum=1, stage="calibration"),
+    ),
+    configure=configure,
+    calibration_step="calibrate.pyramidinfer:calibration_step",
+    calibration_order=1,
+    card_column=("keep", "pyramidinfer.layer_keep", lambda row: f"{row:.3f}"),
+)
+
+
+__all__ = ["BudgetedLayer", "DenseStorage", "METHOD", "PyramidParams", "window_scores", "attend", "theoretical_kept"]

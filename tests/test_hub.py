@@ -16,7 +16,7 @@ import transformers
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from runtime.hub import download_plan, push_plan, render_model_card
+from runtime.hub import push_plan, render_model_card
 from runtime.plan import Plan, PlanError, fingerprint_from_model, load_plan
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -66,8 +66,8 @@ def make_cache(root: Path, content: bytes, repo_id: str = REPO, sha: str = SHA) 
 def test_download_from_hand_made_cache(tmp_path: Path) -> None:
     plan = make_plan()
     cache = make_cache(tmp_path / "hub", plan.to_bytes())
-    assert download_plan(REPO, cache_dir=cache, local_files_only=True) == plan
-    assert download_plan(REPO, revision=SHA, cache_dir=cache, local_files_only=True) == plan
+    assert Plan.from_pretrained(REPO, cache_dir=cache, local_files_only=True) == plan
+    assert Plan.from_pretrained(REPO, revision=SHA, cache_dir=cache, local_files_only=True) == plan
     assert Plan.from_pretrained(REPO, cache_dir=cache, local_files_only=True) == plan
     assert load_plan(REPO, cache_dir=cache, local_files_only=True) == plan
 
@@ -75,20 +75,20 @@ def test_download_from_hand_made_cache(tmp_path: Path) -> None:
 def test_cache_miss_is_plan_error(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "hub", make_plan().to_bytes())
     with pytest.raises(PlanError, match="HF_HUB_OFFLINE.*revision="):
-        download_plan("org/other", cache_dir=cache, local_files_only=True)
+        Plan.from_pretrained("org/other", cache_dir=cache, local_files_only=True)
     with pytest.raises(PlanError, match="HF_HUB_OFFLINE"):
-        download_plan(REPO, filename="other.safetensors", cache_dir=cache, local_files_only=True)
+        Plan.from_pretrained(REPO, filename="other.safetensors", cache_dir=cache, local_files_only=True)
 
 
 def test_malformed_cached_file_is_plan_error(tmp_path: Path) -> None:
     cache = make_cache(tmp_path / "hub", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     with pytest.raises(PlanError, match=f"{REPO}/plan.safetensors@main: .*not valid JSON"):
-        download_plan(REPO, cache_dir=cache, local_files_only=True)
+        Plan.from_pretrained(REPO, cache_dir=cache, local_files_only=True)
 
 
 def test_invalid_repo_id_is_plan_error(tmp_path: Path) -> None:
     with pytest.raises(PlanError):
-        download_plan("not a repo id!", cache_dir=tmp_path, local_files_only=True)
+        Plan.from_pretrained("not a repo id!", cache_dir=tmp_path, local_files_only=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -155,16 +155,16 @@ def test_download_over_http_then_offline(hub_server: tuple[str, dict[str, bytes]
     plan = make_plan()
     files[f"/{REPO}/resolve/main/plan.safetensors"] = plan.to_bytes()
     cache = tmp_path / "hub"
-    assert download_plan(REPO, cache_dir=cache, endpoint=endpoint) == plan
+    assert Plan.from_pretrained(REPO, cache_dir=cache, endpoint=endpoint) == plan
     assert (cache / "models--org--name" / "refs" / "main").read_text() == SHA
     files.clear()
-    assert download_plan(REPO, cache_dir=cache, local_files_only=True) == plan
+    assert Plan.from_pretrained(REPO, cache_dir=cache, local_files_only=True) == plan
 
 
 def test_http_404_is_plan_error(hub_server: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
     endpoint, _ = hub_server
     with pytest.raises(PlanError, match="org/missing/plan.safetensors@main not found on the Hub"):
-        download_plan("org/missing", cache_dir=tmp_path / "hub", endpoint=endpoint)
+        Plan.from_pretrained("org/missing", cache_dir=tmp_path / "hub", endpoint=endpoint)
 
 
 def test_downloaded_malformed_file_is_plan_error(hub_server: tuple[str, dict[str, bytes]], tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_downloaded_malformed_file_is_plan_error(hub_server: tuple[str, dict[str
     good = make_plan().to_bytes()
     files[f"/{REPO}/resolve/main/plan.safetensors"] = good[: len(good) // 2]
     with pytest.raises(PlanError, match="truncated|buffer"):
-        download_plan(REPO, cache_dir=tmp_path / "hub", endpoint=endpoint)
+        Plan.from_pretrained(REPO, cache_dir=tmp_path / "hub", endpoint=endpoint)
 
 
 # --------------------------------------------------------------------------------------------------------

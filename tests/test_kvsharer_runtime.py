@@ -10,7 +10,8 @@ from helpers import greedy, share_plan
 
 import runtime
 from runtime.kvsharer import SharedLayer, SkippedProjection
-from runtime.plan import Plan, PlanError, _serialize
+from runtime.plan import Plan, PlanError
+from runtime.planfile import serialize as _serialize
 from runtime.pyramidinfer import BudgetedLayer
 
 

@@ -15,11 +15,11 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from runtime import registry
+from runtime.planfile import MAX_FILE_BYTES
 from runtime.plan import (
-    MAX_FILE_BYTES,
     METHODS,
     SCHEMA_VERSION,
-    TENSOR_SPECS,
     Plan,
     PlanError,
     fingerprint_from_model,
@@ -47,7 +47,7 @@ def full_plan(**overrides: Any) -> Plan:
     fields: dict[str, Any] = dict(
         fingerprint=fingerprint_from_model(llama_config()),
         methods=METHODS,
-        params={"pyramidinfer": {"window": 8, "sink": 2, "slack": 4}, "kcache": {"note": "x"}},
+        params={"pyramidinfer": {"window": 8, "sink": 2, "slack": 4}},
         tensors={
             "pyramidinfer.layer_keep": torch.tensor([1.0, 0.75, 0.5, 0.25]),
             "kvsharer.share_source": torch.tensor([0, 0, 2, 2], dtype=torch.int32),
@@ -344,7 +344,7 @@ LOADABLE_CASES = sorted(set(INVALID_PLANS) - NOT_WRITABLE_AS_FILE)
 
 @pytest.mark.parametrize("case", LOADABLE_CASES)
 def test_invalid_plan_is_refused_by_load(case: str, tmp_path: Path) -> None:
-    from runtime.plan import _serialize
+    from runtime.planfile import serialize as _serialize
 
     make, message = INVALID_PLANS[case]
     plan = make()
@@ -603,5 +603,7 @@ def test_validate_compares_layer_types() -> None:
         plan.validate(other)
 
 
-def test_spec_table_covers_every_method() -> None:
-    assert set(TENSOR_SPECS) == set(METHODS)
+def test_registry_covers_every_method() -> None:
+    assert tuple(registry.REGISTRY) == METHODS
+    for spec in registry.specs():
+        assert spec.required_tensor.name.startswith(spec.name + ".")

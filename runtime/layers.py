@@ -1,0 +1,153 @@
+"""The one interface every plan cache layer implements, and what a plan asks of each layer.
+
+A plan is applied by swapping the per-layer objects of transformers' own ``Cache`` for plan layers (``cache.py``).
+Every plan layer — whatever it stores (dense K/V today; ragged per-head storage and a value-offloaded store come
+next) — implements :class:`PlanLayer`:
+
+- ``attention(query, mask, scaling, exact)``: the attention output of this layer over what it holds;
+- ``reader_attention(...)``: the same for a KVSharer layer that reads this layer's cache in the same forward;
+- ``held()``: what it holds (:class:`Held`: K/V and, per row and KV head, each slot's position and validity);
+- ``physical_bytes(by_device)``: bytes of every tensor it holds; ``kept_lengths()``: tokens held per (row, head);
+- ``check_forward(layer_idx)``: called after each forward, raises if the forward left the layer inconsistent.
+
+``attention.py`` calls these methods and ``cache.py`` counts through them; neither dispatches on layer classes.
+
+Shape symbols: ``B`` batch rows, ``H_kv`` KV heads, ``H_s`` heads of the selection (1 when every head of a layer keeps
+the same tokens, ``H_kv`` when each keeps its own), ``T`` slots held, ``d`` head dim, ``Q`` queries of the chunk.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+#: ``exact(keys, values) -> [B, Q, H_q, d]``: transformers' own SDPA for this forward's query and mask.
+ExactFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a layer holds.
+
+    Attributes:
+        keys / values: ``[B, H_kv, T, d]``.
+        positions: int ``[B, H_s, T]``: index of each slot's token in the full sequence (the column of
+            transformers' attention mask), or None when slot ``t`` holds token ``t`` (nothing was dropped).
+        valid: bool ``[B, H_s, T]``: True where the slot holds a real token (False: padding, or a slot a narrower
+            row or head left empty), or None when the forward's own mask says it all (nothing was dropped).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+@dataclass
+class LayerPlan:
+    """What the plan asks of one layer's cache; each enabled method's ``configure`` hook fills in its part.
+
+    Attributes:
+        index: the layer.
+        kind: ``full_attention`` or ``sliding_attention`` (from the model config).
+        source: the layer whose cache this layer reads (its own index when it owns its cache; KVSharer).
+        readers: how many later layers read this layer's cache.
+        selection: the token budget of the layer's own cache (PyramidInfer's ``PyramidParams``), or None when it
+            keeps everything it sees. Ignored for a sharing layer (its source's selection applies).
+    """
+
+    index: int
+    kind: str
+    source: int
+    readers: int = 0
+    selection: Any = None
+
+    @property
+    def owns_cache(self) -> bool:
+        return self.source == self.index
+
+
+def tensor_bytes(tensors, by_device: bool = False) -> int | dict[str, int]:
+    """Bytes of the given tensors (None skipped), in total or per device."""
+    totals: dict[str, int] = defaultdict(int)
+    for tensor in tensors:
+        if tensor is not None:
+            totals[str(tensor.device)] += tensor.numel() * tensor.element_size()
+    return dict(totals) if by_device else sum(totals.values())
+
+
+class PlanLayer:
+    """Interface of every kvplan cache layer (mixed into a transformers ``CacheLayerMixin`` subclass)."""
+
+    def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, exact: ExactFn) -> torch.Tensor:
+        """Output ``[B, Q, H_q, d]`` of ``query [B, H_q, Q, d]`` over what the layer holds (``mask``: bool
+        ``[B|1, 1, Q, seen]`` over the full sequence, or None)."""
+        raise NotImplementedError
+
+    def reader_attention(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, exact: ExactFn
+    ) -> torch.Tensor:
+        """A sharing layer's ``query`` over this layer's cache, in the same forward (default: exact over it)."""
+        held = self.held()
+        return exact(held.keys, held.values)
+
+    def held(self) -> Held:
+        raise NotImplementedError
+
+    def physical_bytes(self, by_device: bool = False) -> int | dict[str, int]:
+        raise NotImplementedError
+
+    def kept_lengths(self) -> torch.Tensor:
+        """int64 ``[B, H_kv]``: real tokens each (row, KV head) holds."""
+        raise NotImplementedError
+
+    def kept_length(self) -> int:
+        """Slots held per row and head (the rectangle's width)."""
+        keys = self.held().keys if self.holds_anything() else None
+        return 0 if keys is None else keys.shape[-2]
+
+    def holds_anything(self) -> bool:
+        raise NotImplementedError
+
+    def check_forward(self, layer_idx: int, where: str) -> None:
+        """Raise ``RuntimeError`` if the forward that just ended left this layer inconsistent."""
+
+
+class FullLayer(DynamicLayer, PlanLayer):
+    """A layer that keeps everything it sees (exactly transformers' ``DynamicLayer``), exposed through
+    :class:`PlanLayer` so that sharing layers can read it. Used for a KVSharer source without a token budget."""
+
+    def attention(self, query, mask, scaling, exact):
+        return exact(self.keys, self.values)
+
+    def held(self) -> Held:
+        if self.keys is None:
+            raise RuntimeError("kvplan: the layer has not cached anything yet")
+        return Held(self.keys, self.values)
+
+    def holds_anything(self) -> bool:
+        return self.keys is not None and self.keys.numel() > 0
+
+    def physical_bytes(self, by_device: bool = False):
+        return tensor_bytes((self.keys, self.values), by_device)
+
+    def kept_lengths(self) -> torch.Tensor:
+        if not self.holds_anything():
+            return torch.zeros(0, 0, dtype=torch.int64)
+        bsz, heads, width, _ = self.keys.shape
+        return torch.full((bsz, heads), width, dtype=torch.int64)
+
+
+def layer_bytes(layer, by_device: bool = False) -> int | dict[str, int]:
+    """Bytes a cache layer holds: a plan layer counts itself; a stock transformers layer, its K and V."""
+    if isinstance(layer, PlanLayer):
+        return layer.physical_bytes(by_device)
+    return tensor_bytes((getattr(layer, "keys", None), getattr(layer, "values", None)), by_device)
+
+
+__all__ = ["ExactFn", "FullLayer", "Held", "LayerPlan", "PlanLayer", "layer_bytes", "tensor_bytes"]
