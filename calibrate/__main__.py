@@ -9,11 +9,48 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-METHOD_CHOICES = ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
+from runtime import registry
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+METHOD_CHOICES = registry.METHODS
 TIMING_KEYS = ("calibration_seconds", "forward_pass_seconds", "model_load_seconds", "kvsharer_search_seconds")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default (except flags and options that have none); descriptions and epilogs
+    keep their line breaks and their ``- `` bullets, each paragraph wrapped to the terminal.
+
+    The same as ``runtime.__main__.HelpFormatter`` (not imported from there: that would load torch for --help).
+    """
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        if isinstance(action.default, (list, tuple)):  # as it is typed: "0.1 0.5 0.9"
+            return f"{action.help or ''} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):
+        paragraphs: list[list[str]] = []
+        for line in text.splitlines():
+            if not line.strip():
+                paragraphs.append([])
+            elif line.startswith("  ") and paragraphs and paragraphs[-1]:
+                paragraphs[-1].append(line.strip())  # a bullet's continuation line
+            else:
+                paragraphs.append([line.strip()])
+        out = []
+        for words in paragraphs:
+            joined = " ".join(words)
+            hang = indent + "  " if joined.startswith("- ") else indent
+            out.append(textwrap.fill(
+                joined, width, initial_indent=indent, subsequent_indent=hang, break_on_hyphens=False,
+                break_long_words=False,
+            ) if joined else "")
+        return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,28 +61,54 @@ def build_parser() -> argparse.ArgumentParser:
             "The model is a built-in alias (see --list-aliases), a Hugging Face repo id, a local model directory "
             "or a .gguf file; the recipe gives every setting, the options below override it."
         ),
-        epilog="example: python -m calibrate smollm2-135m --out plan.safetensors --methods pyramidinfer --target-ratio 0.5",
+        formatter_class=HelpFormatter,
+        epilog=(
+            "Options without a default here take the recipe's value: the alias's built-in recipe (the defaults of "
+            "every built-in one: --methods pyramidinfer, --target-ratio 0.5, --seed 42, --dataset "
+            "builtin:self-instruct), or for any other model 16 samples of 2048 tokens, float32 on cpu.\n"
+            "Progress bars and log lines go to stderr (also into a log file); -q turns them off.\n\n"
+            "example: python -m calibrate smollm2-135m --out plan.safetensors --methods pyramidinfer --target-ratio 0.5"
+        ),
     )
     p.add_argument("model", nargs="?", help="alias (e.g. smollm2-135m), HF repo id, model directory or .gguf file")
     p.add_argument("--out", type=Path, help="where to write the plan (.safetensors)")
     p.add_argument("--recipe", help="recipe YAML file (default: the alias's built-in recipe, or defaults)")
     p.add_argument(
         "--methods",
-        help="comma list of pyramidinfer,kvsharer,kvcompress,kcache; 'all'; or 'none' (a plan that changes nothing)",
+        help="comma list of methods; 'all'; or 'none' (a plan that changes nothing). Methods: "
+        + "; ".join(registry.help_lines()),
     )
-    p.add_argument("--target-ratio", type=float, help="fraction of the full KV cache memory to keep, in (0, 1]")
+    p.add_argument(
+        "--target-ratio", type=float, help="fraction of the full KV cache memory to keep, in (0, 1] (default: the "
+        "recipe's, 0.5)",
+    )
     p.add_argument(
         "--share-layers",
         metavar="N",
         help="KVSharer: layers to share, a count (8) or a fraction of the layers (0.25), or 'auto' (default: alone "
         "a quarter of the layers; with pyramidinfer the split of --target-ratio between the methods is searched)",
     )
-    p.add_argument("--num-calibration-samples", type=int, help="number of calibration sequences")
-    p.add_argument("--max-seq-length", type=int, help="tokens per calibration sequence")
-    p.add_argument("--dataset", help="builtin:self-instruct, a .txt/.jsonl file, a folder of .txt, or an HF dataset")
-    p.add_argument("--seed", type=int, help="random seed (same inputs + seed => same plan)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (accelerate device_map)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype")
+    p.add_argument(
+        "--num-calibration-samples", type=int,
+        help="number of calibration sequences (default: the recipe's; smollm2-135m 8, no recipe 16)",
+    )
+    p.add_argument(
+        "--max-seq-length", type=int, help="tokens per calibration sequence (default: the recipe's; 2048 for "
+        "smollm2-135m and without a recipe)",
+    )
+    p.add_argument(
+        "--dataset", help="builtin:self-instruct, a .txt/.jsonl file, a folder of .txt, or an HF dataset (default: "
+        "the recipe's, builtin:self-instruct)",
+    )
+    p.add_argument("--seed", type=int, help="random seed (same inputs + seed => same plan) (default: the recipe's, 42)")
+    p.add_argument(
+        "--device", help="cpu, cuda, cuda:N or auto (accelerate device_map) (default: the recipe's; cpu for "
+        "smollm2-135m and without a recipe)",
+    )
+    p.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+        help="model dtype (default: the recipe's; float32 for smollm2-135m and without a recipe)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument(
         "--reproducible",
@@ -53,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave wall-clock timings out of the plan so that reruns are byte-identical (also KVPLAN_REPRODUCIBLE=1)",
     )
     p.add_argument("--list-aliases", action="store_true", help="print the built-in model aliases and exit")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines, only errors")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="no progress bars or log lines on stderr (on a terminal or not), only errors",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
     return p
 
 
@@ -81,6 +147,10 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if not verbose:  # huggingface_hub's retry warnings on a failing download would bury the one error line
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     if quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         transformers.logging.disable_progress_bar()
@@ -93,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.quiet, args.verbose)
     log = logging.getLogger("calibrate")
 
+    from runtime.models import ModelSourceError
     from runtime.plan import PlanError
 
     from .pipeline import CalibrationError, calibrate, check_methods
@@ -132,27 +203,37 @@ def main(argv: list[str] | None = None) -> int:
         )
         check_methods(list(recipe.methods))
     except (ValueError, RecipeError, CalibrationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
     try:
-        result = calibrate(recipe, progress=not args.quiet and sys.stderr.isatty())
+        # progress bars on stderr whether or not it is a terminal (tqdm writes to a log file too); -q: none
+        result = calibrate(recipe, progress=not args.quiet)
         plan = result.plan
         if args.reproducible or os.environ.get("KVPLAN_REPRODUCIBLE") == "1":
             for key in TIMING_KEYS:
                 plan.provenance[key] = None
         plan.save(args.out)
-    except (CalibrationError, PlanError, RecipeError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CalibrationError, PlanError, RecipeError, OSError, ValueError, ModelSourceError) as exc:
+        log.debug("calibration failed", exc_info=True)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # an unexpected failure: say what it was, keep the traceback for --verbose
         log.debug("calibration failed", exc_info=True)
-        print(f"error: calibration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: calibration failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
 
     if not args.quiet:
         _print_summary(plan, result, args.out)
     return EXIT_OK
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a hub or loader message can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _print_summary(plan, result, out: Path) -> None:

@@ -10,6 +10,7 @@ distributions are compared with the full cache's (KL, top-1). The split with the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +19,10 @@ from transformers import DynamicCache
 from runtime.apply import apply_plan
 from runtime.cache import cache_argument
 from runtime.evaluation.lm import agreement_and_kl
-from runtime.plan import Plan
+from runtime.kvsharer import parse_share_layers
+from runtime.plan import Plan, fingerprint_from_model
+
+log = logging.getLogger(__name__)
 
 SPLIT_FRACTIONS = (0.125, 0.25, 0.375)  # shares of the full-attention layers tried as splits
 
@@ -76,4 +80,57 @@ class ContinuationFidelity:
         return {"kl": kl / count, "top1": agree / count}
 
 
-__all__ = ["split_candidates", "largest_split", "ContinuationFidelity"]
+def split_is_searched(recipe, methods: Sequence[str]) -> bool:
+    """With PyramidInfer and KVSharer's ``share_layers: auto``, the split of the memory target is searched."""
+    share = parse_share_layers(recipe.args_for("kvsharer").get("share_layers", "auto"))
+    return "pyramidinfer" in methods and "kvsharer" in methods and share == "auto"
+
+
+def pyramid_plan(model, keep: torch.Tensor, runtime_params: dict) -> Plan:
+    """A PyramidInfer-only plan with these keep fractions (a candidate to score)."""
+    return Plan(
+        fingerprint=fingerprint_from_model(model),
+        methods=("pyramidinfer",),
+        params={"pyramidinfer": runtime_params},
+        tensors={"pyramidinfer.layer_keep": keep},
+    )
+
+
+def choose_split(model, samples, kinds, search, runtime_params: dict, allocate, sharing_plan):
+    """Score every candidate number of shared layers as a whole plan; return the best map and the table.
+
+    ``allocate(sources)`` gives the owners' keep fractions for a sharing map; ``sharing_plan(model, sources,
+    extra)`` builds the composed plan (KVSharer's); ``search.steps[k]`` is the map after ``k + 1`` acceptances.
+    """
+    n_full = sum(1 for k in kinds if k == "full_attention")
+    fidelity = ContinuationFidelity(model, samples)
+    identity = list(range(len(kinds)))
+    table, best = [], None
+    for count in split_candidates(n_full, len(search.steps)):
+        sources = search.steps[count - 1] if count else identity
+        keep, pyr_report, _, _ = allocate(sources)  # the identity map allocates as PyramidInfer alone does
+        scores = fidelity.score(sharing_plan(model, sources, pyramid_plan(model, keep, runtime_params)))
+        owners = [l for l in range(len(kinds)) if sources[l] == l and kinds[l] == "full_attention"]
+        row = {
+            "shared_layers": count,
+            "mean_keep_of_owners": round(float(keep[owners].mean()), 4),
+            "kept_ratio": round(pyr_report["achieved_ratio_at_calibration_length"], 4),
+            "kl": round(scores["kl"], 6),
+            "top1": round(scores["top1"], 4),
+        }
+        table.append(row)
+        log.info(
+            "split: %2d shared layers, owners keep %.3f on average (total %.3f): KL %.4f top-1 %.3f",
+            count, row["mean_keep_of_owners"], row["kept_ratio"], row["kl"], row["top1"],
+        )
+        if best is None or scores["kl"] < best[0]:
+            best = (scores["kl"], sources, count)
+    for row in table:
+        row["chosen"] = row["shared_layers"] == best[2]
+    log.info("split chosen: %d shared layers (lowest KL on the calibration continuation)", best[2])
+    return best[1], table
+
+
+__all__ = [
+    "ContinuationFidelity", "choose_split", "largest_split", "pyramid_plan", "split_candidates", "split_is_searched",
+]

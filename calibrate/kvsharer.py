@@ -30,17 +30,16 @@ import torch
 
 from runtime.apply import apply_plan
 from runtime.evaluation.lm import agreement_and_kl
+from runtime.kvsharer import METHOD, METRICS, ORDERS, parse_share_layers  # noqa: F401  (re-exported)
 from runtime.plan import Plan, fingerprint_from_model
 
 log = logging.getLogger(__name__)
 
-ORDERS = ("dissimilar", "similar", "random", "attention_error")
-METRICS = ("flattened_l2", "mean_per_vector_l2")
-
 
 @dataclass
 class SharerSettings:
-    """KVSharer calibration settings (recipe key ``kvsharer``).
+    """KVSharer calibration settings (recipe key ``kvsharer``); defaults and ranges are those of the method's
+    registration (``runtime.kvsharer.METHOD``).
 
     Attributes:
         share_layers: layers to share: an integer count >= 1, a fraction of the layers in (0, 1), or ``auto``
@@ -53,37 +52,23 @@ class SharerSettings:
         order: ``dissimilar`` (paper), ``similar`` or ``random`` (ablations), or ``attention_error`` (kvplan's:
             pairs whose sharing changes the target layer's attention output least on the calibration samples).
         metric: ``flattened_l2`` (paper) or ``mean_per_vector_l2`` (official code).
+        seed: seed of the random order.
     """
 
-    share_layers: float | int | str = "auto"
-    threshold: float = 0.95
-    distance_tokens: int = 256
-    accept_samples: int = 2
-    accept_tokens: int = 512
-    max_trials: int = 48
-    order: str = "dissimilar"
-    metric: str = "flattened_l2"
-    seed: int = 0
+    share_layers: float | int | str
+    threshold: float
+    distance_tokens: int
+    accept_samples: int
+    accept_tokens: int
+    max_trials: int
+    order: str
+    metric: str
+    seed: int
 
     @classmethod
     def from_args(cls, args: dict) -> SharerSettings:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(args) - known
-        if unknown:
-            raise ValueError(f"unknown kvsharer option(s) {sorted(unknown)}; known: {sorted(known)}")
-        settings = cls(**args)
-        settings.share_layers = parse_share_layers(settings.share_layers)
-        if not 0.0 <= float(settings.threshold) <= 1.0:
-            raise ValueError(f"kvsharer threshold must be in [0, 1], got {settings.threshold}")
-        for name in ("distance_tokens", "accept_samples", "accept_tokens", "max_trials"):
-            value = getattr(settings, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"kvsharer {name} must be an integer >= 1, got {value!r}")
-        if settings.order not in ORDERS:
-            raise ValueError(f"kvsharer order must be one of {ORDERS}, got {settings.order!r}")
-        if settings.metric not in METRICS:
-            raise ValueError(f"kvsharer metric must be one of {METRICS}, got {settings.metric!r}")
-        return settings
+        """Settings from a recipe's ``kvsharer`` mapping (validated, defaults filled in by the registration)."""
+        return cls(**METHOD.resolve_args(args, "kvsharer"))
 
     def target_count(self, num_full_layers: int) -> int:
         """Number of layers to share for a model with ``num_full_layers`` full-attention layers (``auto``: 1/4)."""
@@ -95,29 +80,6 @@ class SharerSettings:
                 f"full-attention layers and at least one must keep its cache"
             )
         return count
-
-
-def parse_share_layers(value) -> float | int | str:
-    """``auto``, an integer count >= 1, or a fraction in (0, 1) (strings from the command line too)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        try:
-            value = int(text) if text.isdigit() else float(text)
-        except ValueError:
-            raise ValueError(f"--share-layers takes a count, a fraction in (0, 1) or 'auto', not {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"--share-layers takes a count, a fraction in (0, 1) or 'auto', not {value!r}")
-    if isinstance(value, float) and value.is_integer() and value >= 1:
-        value = int(value)
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"--share-layers count must be >= 0, got {value}")
-        return value
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"--share-layers fraction must be in (0, 1), got {value}")
-    return float(value)
 
 
 @dataclass
@@ -408,7 +370,87 @@ def search_log_tensor(entries: list[dict]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 7)
 
 
+def calibration_step(ctx) -> None:
+    """KVSharer's calibration step (``runtime.kvsharer.METHOD``): distances from one short pass, then the greedy
+    acceptance search through the runtime. The map is written once every step ran (a later PyramidInfer step may
+    choose a map with fewer shared layers: the joint split)."""
+    from .budget_split import largest_split, split_is_searched
+    from .collect import run_calibration_pass
+    from .pipeline import CalibrationError
+
+    try:
+        settings = SharerSettings.from_args({"seed": ctx.recipe.seed, **ctx.args("kvsharer")})
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
+    kinds = ctx.kinds
+    n_full = sum(1 for k in kinds if k == "full_attention")
+    if n_full < 2:
+        raise CalibrationError("KVSharer needs at least two full-attention layers (one to own, one to share)")
+    searched = split_is_searched(ctx.recipe, ctx.methods)
+    if searched:
+        target = largest_split(n_full)
+    else:
+        try:
+            target = settings.target_count(n_full)
+        except ValueError as exc:
+            raise CalibrationError(str(exc)) from None
+    observer = MeanKVObserver(len(kinds), settings.distance_tokens)
+    observers: list = [observer]
+    errors = None
+    if settings.order == "attention_error":
+        errors = AttentionErrorObserver(len(kinds), settings.distance_tokens)
+        observers.append(errors)
+    short = [s[: settings.distance_tokens] for s in ctx.samples]
+    ctx.pass_seconds += run_calibration_pass(ctx.model, short, observers, progress=ctx.bar("kvsharer: distances"))
+    distances = layer_distances(observer, settings.metric)
+    error_matrix = errors.mean() if errors is not None else None
+    pairs = candidate_pairs(distances, kinds, settings.order, settings.seed, error_matrix)
+    acceptance = Acceptance(ctx.model, acceptance_windows(ctx.samples, settings))
+    search = greedy_search(acceptance, pairs, len(kinds), target, settings, progress=ctx.say)
+    search.distances = distances
+    search.attention_error = error_matrix
+    ctx.say(
+        "kvsharer: %d of %d layers shared after %d trials (%.1f s): %s",
+        sum(1 for l, s in enumerate(search.sources) if s != l), target, search.trials, search.seconds,
+        {l: s for l, s in enumerate(search.sources) if s != l},
+    )
+    ctx.state["kvsharer"] = search
+    ctx.provenance["kvsharer_search_seconds"] = round(search.seconds, 3)
+    ctx.provenance["kvsharer_search"] = {
+        "threshold": settings.threshold, "order": settings.order, "metric": settings.metric,
+        "distance_tokens": settings.distance_tokens, "accept_samples": settings.accept_samples,
+        "accept_tokens": settings.accept_tokens, "target_shared": search.target, "trials": search.trials,
+        "hidden_state": "post-final-norm", "skip_kv_projections": True, "log": search.log,
+    }
+
+    def finish() -> None:
+        ctx.tensors["kvsharer.share_source"] = torch.tensor(search.sources, dtype=torch.int32)
+        ctx.tensors["kvsharer.distance"] = search.distances
+        ctx.tensors["kvsharer.search_log"] = search_log_tensor(search.log)
+        if search.attention_error is not None:
+            ctx.tensors["kvsharer.attention_error"] = search.attention_error
+        shared = [l for l, src in enumerate(search.sources) if src != l]
+        ctx.report["kvsharer"] = {
+            "shared_layers": shared,
+            "share_source": list(search.sources),
+            "target_shared": search.target,
+            "trials": search.trials,
+            "search_seconds": search.seconds,
+            "final": search.final,
+        }
+        if len(shared) < search.target and not searched:
+            log.warning(
+                "kvsharer: only %d of %d layers could be shared within %d trials at threshold %.3f",
+                len(shared), search.target, search.trials, settings.threshold,
+            )
+        if ctx.methods == ("kvsharer",):  # sharing alone keeps the owning layers' caches whole
+            ctx.target_ratio = (len(search.sources) - len(shared)) / len(search.sources)
+
+    ctx.finalizers.append(finish)
+
+
 __all__ = [
+    "calibration_step",
     "SharerSettings", "MeanKVObserver", "AttentionErrorObserver", "Acceptance", "SearchResult", "layer_distances", "candidate_pairs",
     "resolve_chains", "greedy_search", "acceptance_windows", "sharing_plan", "search_log_tensor",
     "parse_share_layers",

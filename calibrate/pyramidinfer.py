@@ -14,11 +14,14 @@ layers with spread attention get much: the pyramid, where the model has one.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from runtime.pyramidinfer import window_scores
+from runtime.pyramidinfer import METHOD, window_scores
+
+log = logging.getLogger(__name__)
 
 GRID = 256  # resolution of the captured-mass curves (fractions 0, 1/GRID, ..., 1)
 CUT_FRACTIONS = (0.5, 0.75, 1.0)  # cut points as fractions of the longest usable context
@@ -26,40 +29,33 @@ CUT_FRACTIONS = (0.5, 0.75, 1.0)  # cut points as fractions of the longest usabl
 
 @dataclass
 class PyramidSettings:
-    """Runtime parameters (stored in the plan) and calibration-only parameters.
+    """PyramidInfer's parameters for one calibration: the runtime ones (stored in the plan) and the calibration-only
+    ones. Defaults and ranges are those of the method's registration (``runtime.pyramidinfer.METHOD``).
 
     Attributes:
         window: recent tokens always kept at runtime; also the number of last queries that score the context.
         sink: first tokens always kept.
+        slack: tokens a layer may hold above its budget before compacting while decoding (None: grows with it).
+        pool: average-pooling width of the prefill scores.
+        head_reduce: how the query heads' attention is combined into one score per token.
         horizon: queries after each cut point whose attention measures what a budget captures.
     """
 
-    window: int = 32
-    sink: int = 4
-    horizon: int = 64
-    pool: int = 1
-    head_reduce: str = "mean"
+    window: int
+    sink: int
+    slack: int | None
+    pool: int
+    head_reduce: str
+    horizon: int
 
     @classmethod
     def from_args(cls, args: dict) -> PyramidSettings:
-        known = {"window", "sink", "horizon", "pool", "head_reduce"}
-        unknown = set(args) - known
-        if unknown:
-            raise ValueError(f"unknown pyramidinfer option(s) {sorted(unknown)}; known: {sorted(known)}")
-        settings = cls(**{k: (str(v) if k == "head_reduce" else int(v)) for k, v in args.items()})
-        if settings.window < 1 or settings.sink < 0 or settings.horizon < 1 or settings.pool < 1:
-            raise ValueError("pyramidinfer needs window >= 1, sink >= 0, horizon >= 1 and pool >= 1")
-        if settings.head_reduce not in ("mean", "max"):
-            raise ValueError("pyramidinfer head_reduce must be 'mean' or 'max'")
-        return settings
+        """Settings from a recipe's ``pyramidinfer`` mapping (validated, defaults filled in by the registration)."""
+        return cls(**METHOD.resolve_args(args, "pyramidinfer"))
 
     def runtime_params(self) -> dict:
-        params = {"window": self.window, "sink": self.sink}
-        if self.pool != 1:
-            params["pool"] = self.pool
-        if self.head_reduce != "mean":
-            params["head_reduce"] = self.head_reduce
-        return params
+        """The parameters written into the plan (``window`` and ``sink`` always, the others when not default)."""
+        return METHOD.plan_params(self.__dict__)
 
 
 @dataclass
@@ -117,7 +113,7 @@ class CapturedMassObserver:
         s = self.settings
         ctx_keys = key[:, :, :t]
         valid = torch.ones(1, t, dtype=torch.bool, device=key.device)
-        select = window_scores(query[:, :, :t], ctx_keys, valid, scaling, s.window, s.pool, s.head_reduce)[0]
+        select = window_scores(query[:, :, :t], ctx_keys, valid, scaling, s.window, s.pool, s.head_reduce)[0, 0]
         protected = torch.zeros(t, dtype=torch.bool, device=key.device)
         protected[: s.sink] = True
         protected[t - s.window :] = True
@@ -171,6 +167,26 @@ class CapturedMassObserver:
         return grouped
 
 
+def _envelope_segments(curve: torch.Tensor, start: int) -> list[tuple[float, int, int]]:
+    """The upper concave envelope of ``curve[start:]`` as segments ``(slope, from_step, to_step)``.
+
+    Slopes do not increase along the list. Where the curve is concave, each grid step is its own segment and its
+    slope is exactly the one-step gain ``curve[i + 1] - curve[i]``; a stretch that first rises slowly (or stays
+    flat) and then steeply becomes one segment whose slope is the mean gain over the whole stretch.
+    """
+    values = curve.tolist()
+    hull: list[int] = []
+    for i in range(start, len(values)):
+        # drop the last vertex while it lies below the chord from the one before it to step i
+        while len(hull) >= 2 and (
+            (values[hull[-1]] - values[hull[-2]]) / (hull[-1] - hull[-2])
+            < (values[i] - values[hull[-1]]) / (i - hull[-1])
+        ):
+            hull.pop()
+        hull.append(i)
+    return [((values[b] - values[a]) / (b - a), a, b) for a, b in zip(hull[:-1], hull[1:])]
+
+
 def allocate_keep(
     curves: torch.Tensor, budgeted: list[bool], budget_fraction: float, floor: torch.Tensor
 ) -> torch.Tensor:
@@ -183,27 +199,34 @@ def allocate_keep(
         floor: float64 ``[L]`` smallest fraction each layer keeps anyway (sinks + recent window).
 
     Returns:
-        float32 ``[L]`` keep fractions (1.0 for layers not budgeted). Greedy on marginal gains, which is optimal
-        for concave curves and a good approximation otherwise.
+        float32 ``[L]`` keep fractions (1.0 for layers not budgeted), on the grid, at least ``floor``, their mean
+        over the budgeted layers ``budget_fraction`` rounded to the grid (unless every layer is kept whole).
+
+    Greedy on marginal gains, taken on the upper concave envelope of each curve above its floor: the budget goes,
+    one envelope segment at a time, to the steepest segment of any layer (ties: the lowest layer first), and the
+    last one is cut to what is left. For concave curves this is exactly the one-step greedy. The envelope matters
+    where a curve is flat and then rises: the one-step gain there is small (or zero), the greedy would never climb
+    the flat part, and the budget would go to layers that are already steep. Observed curves always start flat
+    when the floor is finer than the calibration contexts resolve (all of them, at ``--max-seq-length 512``: the
+    cut contexts are at most ``seq_len - horizon`` tokens, so sinks + window cover more than ``floor`` of them),
+    and every tie then sent the whole budget to the first layers in index order, filling them one after another.
     """
     n_layers = curves.shape[0]
     idx = [l for l in range(n_layers) if budgeted[l]]
     steps = torch.zeros(n_layers, dtype=torch.long)
+    segments = []
     for l in idx:
         steps[l] = int(torch.ceil(floor[l] * GRID))
+        segments += [(slope, l, a, b) for slope, a, b in _envelope_segments(curves[l], int(steps[l]))]
+    segments.sort(key=lambda seg: (-seg[0], seg[1], seg[2]))
     total = round(budget_fraction * GRID * len(idx))
     used = int(steps[idx].sum()) if idx else 0
-    while used < total:
-        best, gain = None, -1.0
-        for l in idx:
-            if steps[l] < GRID:
-                g = float(curves[l, steps[l] + 1] - curves[l, steps[l]])
-                if g > gain:
-                    best, gain = l, g
-        if best is None:
+    for _, l, a, b in segments:
+        if used >= total:
             break
-        steps[best] += 1
-        used += 1
+        take = min(b - a, total - used)
+        steps[l] += take
+        used += take
     keep = torch.ones(n_layers, dtype=torch.float32)
     for l in idx:
         keep[l] = float(steps[l]) / GRID
@@ -254,3 +277,58 @@ def calibrate_layer_keep(
         "feasible": floor_frac <= wanted <= 1.0,
     }
     return keep, report, curves.float(), captured.float()
+
+
+def calibration_step(ctx) -> None:
+    """PyramidInfer's calibration step (``runtime.pyramidinfer.METHOD``): one observed pass collects the captured-
+    mass curves, the budget split gives ``pyramidinfer.layer_keep``. With KVSharer in the plan, the owners' curves
+    include their readers' queries, and — when the split is searched — every candidate split is scored as a whole
+    plan and the best sharing map is handed back to KVSharer (``ctx.state["kvsharer"]``)."""
+    from .budget_split import choose_split, split_is_searched
+    from .collect import run_calibration_pass
+    from .kvsharer import sharing_plan
+    from .pipeline import CalibrationError
+
+    try:
+        settings = PyramidSettings.from_args(ctx.args("pyramidinfer"))
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
+    search = ctx.state.get("kvsharer")
+    maps = [] if search is None else search.steps
+    pairs = frozenset((r, s) for m in maps for r, s in enumerate(m) if r != s)
+    observer = CapturedMassObserver(ctx.config.num_hidden_layers, settings, pairs=pairs)
+    ctx.pass_seconds += run_calibration_pass(
+        ctx.model, ctx.samples, [observer], progress=ctx.bar("pyramidinfer: attention mass")
+    )
+    if observer.counts.max() == 0:
+        raise CalibrationError(
+            f"calibration samples of {ctx.seq_len} tokens are too short for PyramidInfer (need more than "
+            f"{settings.sink + settings.window + settings.horizon + 1}); raise --max-seq-length or use more data"
+        )
+    target = ctx.recipe.target_ratio
+    window = getattr(ctx.config, "sliding_window", None)
+
+    def allocate(sources):
+        return calibrate_layer_keep(observer, ctx.kinds, target, ctx.seq_len, window, sources)
+
+    sources = None if search is None else search.sources
+    if search is not None and split_is_searched(ctx.recipe, ctx.methods):
+        sources, split_table = choose_split(
+            ctx.model, ctx.samples, ctx.kinds, search, settings.runtime_params(), allocate, sharing_plan
+        )
+        ctx.report["split"] = split_table
+        ctx.provenance["joint_split"] = split_table
+    keep, report, curves, captured = allocate(sources)
+    if not report["feasible"]:
+        log.warning(
+            "target ratio %.4f cannot be met exactly at %d tokens (sinks + recent window, or every owning "
+            "layer kept whole); the plan keeps %.4f",
+            target, ctx.seq_len, report["achieved_ratio_at_calibration_length"],
+        )
+    ctx.tensors["pyramidinfer.layer_keep"] = keep
+    ctx.tensors["pyramidinfer.captured_curve"] = curves
+    ctx.tensors["pyramidinfer.captured_mass"] = captured
+    ctx.params["pyramidinfer"] = settings.runtime_params()
+    ctx.report["pyramidinfer"] = report
+    if search is not None:
+        search.sources = sources

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from runtime import resources
+from runtime import registry, resources
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ __all__ = [
     "resolve_recipe",
 ]
 
-#: Methods a recipe may name. Which of them are implemented is for the caller to decide.
-KNOWN_METHODS: tuple[str, ...] = ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
+#: Methods a recipe may name (the method registry's). Which of them can be calibrated is for the caller to decide.
+KNOWN_METHODS: tuple[str, ...] = registry.METHODS
 #: Accepted values of ``Recipe.dtype``.
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
@@ -299,6 +299,10 @@ def _check_method_args(method_args: Any) -> None:
                 raise RecipeError(
                     f"'{method}.{key}' must be a number, string, boolean, null or list of those; got {value!r}"
                 )
+        try:  # names, types and ranges as the method's registration gives them
+            registry.get(method).resolve_args(params, method)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
 
 
 def _is_plain_value(value: Any) -> bool:

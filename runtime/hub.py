@@ -34,7 +34,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_
 
 def looks_like_repo_id(text: str) -> bool:
     """``org/name`` with Hub-legal characters (and not a file name such as ``x/plan.safetensors``)."""
-    return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith(".safetensors")
+    return bool(_REPO_ID.fullmatch(text)) and ".." not in text and "--" not in text and not text.endswith(".safetensors")
 
 _OFFLINE_HINT = (
     "if you are offline (HF_HUB_OFFLINE=1) the file must already be in the HF cache; pin the plan with "

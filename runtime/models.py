@@ -585,8 +585,9 @@ def load_model(
 
 
 def resolve_model_spec(reference: str) -> ModelSpec:
-    """A built-in alias (the model keys of ``runtime/recipes/<alias>.yaml``), a local directory or ``.gguf``
-    file, or an HF repo id, as a :class:`ModelSpec`.
+    """A built-in alias (the model keys of ``runtime/recipes/<alias>.yaml``), a ``pypi:<package>/<file.gguf>`` or
+    ``pypi-assemble:<package>`` reference, a local directory or ``.gguf`` file, or an HF repo id, as a
+    :class:`ModelSpec`.
 
     Raises:
         ModelSourceError: nothing matches ``reference``.
@@ -602,6 +603,8 @@ def resolve_model_spec(reference: str) -> ModelSpec:
         except yaml.YAMLError as error:
             raise ModelSourceError(f"built-in recipe {reference!r} is not valid YAML: {error}") from None
         return ModelSpec.from_mapping(data)
+    if reference.startswith(("pypi:", "pypi-assemble:")):
+        return ModelSpec(model=reference)
     path = Path(reference).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
         return ModelSpec(model=str(path))

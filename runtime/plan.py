@@ -201,7 +201,7 @@ def _check_fingerprint(fingerprint: Any) -> None:
     if revision is not None and not isinstance(revision, str):
         raise PlanError(f"fingerprint.revision must be null or a string, got {type_name(revision)}")
     weights = fingerprint.get("weights")
-    if weights is not None and (not isinstance(weights, str) or not _WEIGHTS.match(weights)):
+    if weights is not None and (not isinstance(weights, str) or not _WEIGHTS.fullmatch(weights)):
         raise PlanError(f"fingerprint.weights must be null or '<dtype>:<sha256 hex>', got {weights!r:.80}")
     unknown = sorted(set(fingerprint) - set(FINGERPRINT_KEYS) - {"weights"})
     if unknown:
@@ -287,7 +287,7 @@ def _check_tensor_basics(name: str, tensor: Any, methods: tuple[str, ...]) -> No
     """Name, type, dtype and finiteness rules that hold for every tensor in a plan."""
     if not isinstance(name, str):
         raise PlanError(f"tensor names must be strings, got {name!r}")
-    match = _TENSOR_NAME.match(name)
+    match = _TENSOR_NAME.fullmatch(name)
     if match is None or match["method"] not in METHODS:
         raise PlanError(f"tensor name {name!r} must be '<method>.<name>' with <method> one of {', '.join(METHODS)}")
     if not isinstance(tensor, torch.Tensor):

@@ -59,7 +59,7 @@ def parse_version(text: Any) -> Any:
     ``PlanError`` for anything else (control characters, JSON, empty, overlong)."""
     from packaging.version import InvalidVersion, Version
 
-    if not isinstance(text, str) or len(text) > 64 or not _VERSION.match(text):
+    if not isinstance(text, str) or len(text) > 64 or not _VERSION.fullmatch(text):
         raise PlanError(
             f"kvplan_version (metadata kvplan.version) must be a version string like 0.1.0, got {text!r:.80}"
         )

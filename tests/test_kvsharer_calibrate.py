@@ -67,6 +67,7 @@ def test_pairs_orders_and_chains():
     assert kvsharer.resolve_chains([0, 0, 1, 2]) == [0, 0, 0, 0]
 
 
+@pytest.mark.slow
 def test_threshold_binds_and_every_candidate_is_logged(llama):
     samples = _samples()
     settings = kvsharer.SharerSettings.from_args({"accept_samples": 2, "accept_tokens": 64, "threshold": 0.0})
@@ -89,6 +90,7 @@ def test_threshold_binds_and_every_candidate_is_logged(llama):
     assert acceptance.score([0, 1, 2, 3])["cosine"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_kvsharer_alone(tmp_path, tiny_dir):  # noqa: F811
     out = tmp_path / "p.safetensors"
     assert _calibrate(tiny_dir, out, "--methods", "kvsharer", "--share-layers", "1") == 0
@@ -102,6 +104,7 @@ def test_cli_kvsharer_alone(tmp_path, tiny_dir):  # noqa: F811
     assert plan.target_ratio == pytest.approx(sum(1 for l, s in enumerate(sources) if s == l) / 4)
 
 
+@pytest.mark.slow
 def test_cli_joint_split_meets_the_target_ratio(tmp_path, tiny_dir, caplog):  # noqa: F811
     out = tmp_path / "p.safetensors"
     assert _calibrate(tiny_dir, out, "--methods", "pyramidinfer,kvsharer", "--target-ratio", "0.5") == 0

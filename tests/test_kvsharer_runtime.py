@@ -114,6 +114,7 @@ def test_physical_bytes_drop_by_the_shared_layers_share(llama, keep):
     assert runtime.kept_lengths(cache)[2:] == [0, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [None, 0.5], ids=["full-source", "pyramid-source"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_left_padded_batch_rows_equal_solo_runs(arch, keep):

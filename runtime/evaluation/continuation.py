@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .decoding import answer
 from .methods import Method
 
 
-def run(model, methods: list[Method], windows: torch.Tensor, steps: int) -> dict:
+def run(
+    model, methods: list[Method], windows: torch.Tensor, steps: int, progress: Callable[[int], None] | None = None
+) -> dict:
     """Greedy-continue each context window (``[N, context]``) for ``steps`` tokens with every method.
 
     Per method vs the full cache (``methods[0]``): the mean fraction of matching tokens and the mean position of
-    the first divergence (``steps`` when none), plus decode tokens/s of the method.
+    the first divergence (``steps`` when none), plus decode tokens/s of the method. ``progress(1)`` is called
+    after each window of each method.
     """
     generated: dict[str, list[torch.Tensor]] = {}
     results = {}
@@ -23,6 +28,8 @@ def run(model, methods: list[Method], windows: torch.Tensor, steps: int) -> dict
             tokens, stats = answer(model, method, w[None, :], None, steps)
             seconds += stats.decode_seconds
             generated[method.name].append(tokens[0])
+            if progress is not None:
+                progress(1)
         matching, first = [], []
         for ref, mine in zip(generated[methods[0].name], generated[method.name]):
             same = (mine == ref).tolist()

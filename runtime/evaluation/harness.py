@@ -8,6 +8,7 @@ tokens/s. Seeded and deterministic (greedy decoding, fixed windows).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -55,69 +56,112 @@ def _memory(method: Method, model, stats, batch: int) -> dict:
     }
 
 
-def evaluate(model, tokenizer, methods: list[Method], data: str | None, settings: EvalSettings) -> dict:
-    """Run the tasks for every context length; ``methods[0]`` must be the full cache (the reference)."""
+def _prepare(tokenizer, data: str | None, settings: EvalSettings) -> list[dict]:
+    """Per context length, the inputs of every task (windows, cases, questions); data problems surface here,
+    before the model runs."""
+    texts = read_texts(data) if data else None
+    stream = token_stream(tokenizer, texts) if texts else None
+    work = []
+    for context in settings.contexts:
+        inputs: dict = {}
+        if ("lm" in settings.tasks or "continuation" in settings.tasks) and stream is None:
+            raise ValueError("the lm and continuation tasks need --data (a folder of .txt, a .txt or a .jsonl)")
+        if "lm" in settings.tasks:
+            inputs["lm"] = windows(stream, settings.docs, context + settings.continuation)
+        for task in ("passkey", "needle"):
+            if task in settings.tasks:
+                inputs[task] = retrieval.build_cases(
+                    tokenizer, "\n\n".join(texts) if texts else None, [context], settings.depths, settings.trials,
+                    settings.seed, tasks=(task,),
+                )
+        if "continuation" in settings.tasks:
+            inputs["continuation"] = windows(stream, settings.docs, context)
+        if "leval" in settings.tasks:
+            if not data or not str(data).endswith(".jsonl"):
+                raise ValueError("the leval task needs --data pointing at an L-Eval .jsonl file")
+            inputs["leval"] = read_qa(data)[: settings.docs]
+        work.append({"context": context, "inputs": inputs})
+    return work
+
+
+def evaluate(
+    model, tokenizer, methods: list[Method], data: str | None, settings: EvalSettings, *, progress: bool = False
+) -> dict:
+    """Run the tasks for every context length; ``methods[0]`` must be the full cache (the reference).
+
+    ``progress``: a tqdm bar on stderr over every run of the model (methods × windows / cases / questions).
+    """
+    from tqdm import tqdm
+
     unknown = set(settings.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
     torch.manual_seed(settings.seed)
-    texts = read_texts(data) if data else None
-    stream = token_stream(tokenizer, texts) if texts else None
+    work = _prepare(tokenizer, data, settings)
+    total = len(methods) * sum(len(inputs) for item in work for inputs in item["inputs"].values())
     report: dict = {"settings": asdict(settings), "methods": [m.name for m in methods], "rows": []}
-    for context in settings.contexts:
-        if "lm" in settings.tasks or "continuation" in settings.tasks:
-            if stream is None:
-                raise ValueError("the lm and continuation tasks need --data (a folder of .txt, a .txt or a .jsonl)")
-        if "lm" in settings.tasks:
-            wins = windows(stream, settings.docs, context + settings.continuation)
-            batch = min(settings.batch_size, wins.shape[0])
-            for name, result in lm.run(model, methods, wins, context, settings.batch_size).items():
-                method = next(m for m in methods if m.name == name)
-                scores = result["scores"]
-                row = {"task": "lm", "context": context, "method": name, **_memory(method, model, result["stats"], batch)}
-                if scores is not None:
-                    row.update(
-                        score=scores["ppl_method"], full_score=scores["ppl_full"], ratio=scores["ppl_ratio"],
-                        metric="perplexity", kl=scores["kl"], top1_agreement=scores["top1_agreement"],
-                    )
-                report["rows"].append(row)
-        for task in ("passkey", "needle"):
-            if task not in settings.tasks:
-                continue
-            cases = retrieval.build_cases(
-                tokenizer, "\n\n".join(texts) if texts else None, [context], settings.depths, settings.trials,
-                settings.seed, tasks=(task,),
-            )
-            results = retrieval.run(
-                model, tokenizer, methods, cases, settings.answer_tokens, settings.question_in_prefill
-            )
-            full = results[methods[0].name]["accuracy"]
-            for name, result in results.items():
-                report["rows"].append({
-                    "task": task, "context": context, "method": name, "metric": "exact match",
-                    "score": result["accuracy"], "full_score": full,
-                    "ratio": result["accuracy"] / full if full else None,
-                    "retention": result["retention"], "grid": result["grid"],
-                })
-        if "continuation" in settings.tasks:
-            wins = windows(stream, settings.docs, context)
-            for name, result in continuation.run(model, methods, wins, settings.continuation).items():
-                report["rows"].append({
-                    "task": "continuation", "context": context, "method": name, "metric": "matching tokens",
-                    "score": result["matching_fraction"], "full_score": 1.0, "ratio": result["matching_fraction"],
-                    "first_divergence": result["first_divergence"], "decode_tok_s": result["decode_tok_s"],
-                })
-        if "leval" in settings.tasks:
-            if not data or not str(data).endswith(".jsonl"):
-                raise ValueError("the leval task needs --data pointing at an L-Eval .jsonl file")
-            records = read_qa(data)[: settings.docs]
-            results = leval.run(model, tokenizer, methods, records, context, settings.leval_tokens)
-            full = results[methods[0].name]
-            for name, value in results.items():
-                report["rows"].append({
-                    "task": "leval", "context": context, "method": name, "metric": "EM/F1", "score": value,
-                    "full_score": full, "ratio": value / full if full else None,
-                })
+    with tqdm(total=total, desc="eval", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for item in work:
+            context, inputs = item["context"], item["inputs"]
+            tick = bar.update
+
+            def phase(task: str) -> None:
+                bar.set_postfix_str(f"{task} @ {context} tokens", refresh=True)
+
+            if "lm" in inputs:
+                phase("lm")
+                wins = inputs["lm"]
+                batch = min(settings.batch_size, wins.shape[0])
+                results = lm.run(model, methods, wins, context, settings.batch_size, progress=tick)
+                for name, result in results.items():
+                    method = next(m for m in methods if m.name == name)
+                    scores = result["scores"]
+                    row = {
+                        "task": "lm", "context": context, "method": name,
+                        **_memory(method, model, result["stats"], batch),
+                    }
+                    if scores is not None:
+                        row.update(
+                            score=scores["ppl_method"], full_score=scores["ppl_full"], ratio=scores["ppl_ratio"],
+                            metric="perplexity", kl=scores["kl"], top1_agreement=scores["top1_agreement"],
+                        )
+                    report["rows"].append(row)
+            for task in ("passkey", "needle"):
+                if task not in inputs:
+                    continue
+                phase(task)
+                results = retrieval.run(
+                    model, tokenizer, methods, inputs[task], settings.answer_tokens, settings.question_in_prefill,
+                    progress=tick,
+                )
+                full = results[methods[0].name]["accuracy"]
+                for name, result in results.items():
+                    report["rows"].append({
+                        "task": task, "context": context, "method": name, "metric": "exact match",
+                        "score": result["accuracy"], "full_score": full,
+                        "ratio": result["accuracy"] / full if full else None,
+                        "retention": result["retention"], "grid": result["grid"],
+                    })
+            if "continuation" in inputs:
+                phase("continuation")
+                results = continuation.run(model, methods, inputs["continuation"], settings.continuation, progress=tick)
+                for name, result in results.items():
+                    report["rows"].append({
+                        "task": "continuation", "context": context, "method": name, "metric": "matching tokens",
+                        "score": result["matching_fraction"], "full_score": 1.0, "ratio": result["matching_fraction"],
+                        "first_divergence": result["first_divergence"], "decode_tok_s": result["decode_tok_s"],
+                    })
+            if "leval" in inputs:
+                phase("leval")
+                results = leval.run(
+                    model, tokenizer, methods, inputs["leval"], context, settings.leval_tokens, progress=tick
+                )
+                full = results[methods[0].name]
+                for name, value in results.items():
+                    report["rows"].append({
+                        "task": "leval", "context": context, "method": name, "metric": "EM/F1", "score": value,
+                        "full_score": full, "ratio": value / full if full else None,
+                    })
     return report
 
 

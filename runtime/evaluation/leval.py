@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
@@ -45,8 +46,11 @@ def score(prediction: str, reference: str) -> float:
     return exact_choice(prediction, reference) if is_choice(reference) else token_f1(prediction, reference)
 
 
-def run(model, tokenizer, methods: list[Method], records: list[QARecord], context: int, max_new_tokens: int) -> dict:
-    """Mean score per method (exact match or F1, by record) over ``records``."""
+def run(
+    model, tokenizer, methods: list[Method], records: list[QARecord], context: int, max_new_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Mean score per method (exact match or F1, by record) over ``records``; ``progress(1)`` after each answer."""
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     scores: dict[str, list[float]] = {m.name: [] for m in methods}
     for record in records:
@@ -59,4 +63,6 @@ def run(model, tokenizer, methods: list[Method], records: list[QARecord], contex
         for method in methods:
             tokens, _ = answer(model, method, ctx, question, max_new_tokens)
             scores[method.name].append(score(tokenizer.decode(tokens[0], skip_special_tokens=True), record.answer))
+            if progress is not None:
+                progress(1)
     return {name: sum(v) / len(v) if v else 0.0 for name, v in scores.items()}

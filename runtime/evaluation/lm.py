@@ -8,6 +8,7 @@ next-token distributions, and top-1 agreement with the full cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -45,8 +46,13 @@ def summarize(per_position: dict[str, torch.Tensor]) -> dict:
     }
 
 
-def run(model, methods: list[Method], windows: torch.Tensor, context: int, batch_size: int) -> dict:
+def run(
+    model, methods: list[Method], windows: torch.Tensor, context: int, batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Score every method against the full cache (``methods[0]``) on ``windows [N, context + continuation]``.
+
+    ``progress(n)`` is called after each method has run ``n`` more windows.
 
     Returns ``{method name: {"scores": ..., "stats": RunStats of the first batch}}``.
     """
@@ -58,9 +64,13 @@ def run(model, methods: list[Method], windows: torch.Tensor, context: int, batch
         ctx, cont = batch[:, :context], batch[:, context:]
         full, stats_full = teacher_forced(model, reference, ctx, cont)
         stats.setdefault(reference.name, stats_full)
+        if progress is not None:
+            progress(batch.shape[0])
         for method in others:
             other, stats_method = teacher_forced(model, method, ctx, cont)
             stats.setdefault(method.name, stats_method)
+            if progress is not None:
+                progress(batch.shape[0])
             for key, value in compare(full, other, cont).items():
                 collected[method.name].setdefault(key, []).append(value)
     results = {reference.name: {"scores": None, "stats": stats[reference.name]}}

@@ -10,6 +10,7 @@ among the cases the full cache gets right.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,9 +99,11 @@ def build_cases(
 
 def run(
     model, tokenizer, methods: list[Method], cases: list[Case], max_new_tokens: int = 10,
-    question_in_prefill: bool = False,
+    question_in_prefill: bool = False, progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Answer every case with every method; hits per method and per (task, length, depth) cell.
+
+    ``progress(1)`` is called after each answer (one case, one method).
 
     By default the context is compressed before the question is seen (as kvpress's pipeline does: the harder,
     query-agnostic setting). ``question_in_prefill`` prefills context and question together, as a plain
@@ -117,6 +120,8 @@ def run(
             text = tokenizer.decode(tokens[0], skip_special_tokens=True)
             answers[method.name].append(text)
             hits[method.name].append(case.expected.lower() in text.lower())
+            if progress is not None:
+                progress(1)
     reference = methods[0].name
     results = {}
     for method in methods:
