@@ -9,7 +9,8 @@ from conftest import tiny_model
 from helpers import greedy, pyramid_plan
 
 import runtime
-from runtime.plan import Plan, PlanError
+from runtime.cache import cache_argument
+from runtime.plan import Plan, PlanError, fingerprint_from_model
 from runtime.pyramidinfer import BudgetedLayer
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
@@ -47,6 +48,7 @@ def test_noop_plan_is_token_identical_to_stock(arch):
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("compress", [False, True], ids=["noop", "pyramid"])
 def test_left_padded_batch_rows_equal_solo_runs(arch, compress):
@@ -60,6 +62,7 @@ def test_left_padded_batch_rows_equal_solo_runs(arch, compress):
     _assert_rows_equal_solo(batch, ids.shape[1], prompts, solos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{"pool": 5}, {"head_reduce": "max"}, {"pool": 3, "head_reduce": "max"}])
 def test_scoring_options_keep_batch_rows_equal_to_solo_runs(extra):
     model = tiny_model("qwen2")
@@ -117,6 +120,7 @@ def test_pyramid_plan_physically_frees_memory(arch):
             assert not isinstance(layer, BudgetedLayer)
 
 
+@pytest.mark.slow
 def test_budget_follows_the_sequence_while_decoding(llama):
     """Long generation (far past the prompt) keeps each layer near its budget of the *current* length."""
     plan = pyramid_plan(llama, 0.3, window=8, sink=2)
@@ -128,7 +132,7 @@ def test_budget_follows_the_sequence_while_decoding(llama):
         budget = int(layer.params.budget(torch.tensor([seen]))[0])
         assert budget <= layer.kept_length() <= budget + layer.params.slack_for(budget)
         # sinks are never evicted: the first two positions are still held
-        assert layer.positions[0, :2].tolist() == [0, 1]
+        assert layer.positions[0, 0, :2].tolist() == [0, 1]
 
 
 def test_short_and_bos_only_prompts_match_stock_while_nothing_is_evicted(llama):
@@ -158,13 +162,20 @@ def test_direct_forward_with_use_cache_gets_a_plan_cache(llama):
 
 def test_plan_for_another_model_is_refused(llama):
     other = tiny_model("qwen2")
-    other.config.num_hidden_layers  # same sizes, other architecture
+    sizes = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size")
+    # same sizes, other architecture: the architecture alone makes the plan refused
+    mine, theirs = fingerprint_from_model(llama), fingerprint_from_model(other)
+    assert [theirs[k] for k in sizes] == [mine[k] for k in sizes] and theirs["model_type"] != mine["model_type"]
     plan = pyramid_plan(other, 0.5)
-    with pytest.raises(PlanError, match="model_type"):
+    with pytest.raises(PlanError, match="model_type") as refused:
         runtime.apply_plan(llama, plan)
-    gemma = tiny_model("gemma3")
-    with pytest.raises(PlanError):
+    assert not any(k in str(refused.value) for k in sizes), f"only model_type differs: {refused.value}"
+    assert llama.config._attn_implementation == "sdpa"  # nothing half-applied (the apply below would say so too)
+    gemma = tiny_model("gemma3")  # 6 layers
+    with pytest.raises(PlanError, match="num_hidden_layers"):
         runtime.apply_plan(llama, pyramid_plan(gemma, 0.5))
+    with runtime.apply_plan(llama, pyramid_plan(llama, 0.5)):  # the same plan made for llama itself applies
+        assert llama.config._attn_implementation == "kvplan"
 
 
 def test_apply_remove_and_double_apply(llama):
@@ -181,12 +192,28 @@ def test_apply_remove_and_double_apply(llama):
 
 
 def test_plan_loaded_from_file_applies(tmp_path, llama):
+    """A plan read back from its file runs exactly like the plan object it was saved from, and compresses."""
     path = tmp_path / "plan.safetensors"
-    pyramid_plan(llama, 0.5).save(path)
-    stock = greedy(llama, _prompt(16), 4)
+    plan = pyramid_plan(llama, [0.6, 0.4, 0.3, 0.25])
+    plan.save(path)
+    ids = torch.cat([_prompt(96, 1), _prompt(96, 2)])
+    stock_cache = transformers.DynamicCache(config=llama.config)
+    stock = greedy(llama, ids, 12, **{cache_argument(llama): stock_cache})
+    direct_cache = transformers.DynamicCache(config=llama.config)
+    with runtime.apply_plan(llama, plan):
+        direct = greedy(llama, ids, 12, **{cache_argument(llama): direct_cache})
+    file_cache = transformers.DynamicCache(config=llama.config)
     with runtime.apply_plan(llama, str(path)) as applied:
-        assert applied.plan.methods == ("pyramidinfer",)
-        assert greedy(llama, _prompt(16), 4).shape == stock.shape
+        assert applied.plan == plan  # every field and tensor survived the round trip
+        from_file = greedy(llama, ids, 12, **{cache_argument(llama): file_cache})
+    assert from_file.shape == stock.shape == (2, 108)
+    assert torch.equal(from_file, direct)
+    assert runtime.kept_lengths(file_cache) == runtime.kept_lengths(direct_cache)
+    physical = runtime.physical_bytes(file_cache)
+    assert physical == runtime.physical_bytes(direct_cache)
+    # ... and the plan really applied: the cache physically holds far less than the stock run's cache
+    assert physical < 0.6 * runtime.physical_bytes(stock_cache)
+    assert runtime.physical_bytes(stock_cache) == runtime.stock_bytes(llama.config, 107, batch_size=2)
 
 
 def test_bfloat16_model_runs_and_accounts_its_bytes():
