@@ -8,7 +8,8 @@ the context. Averaged over samples and cut points this gives, per layer, a curve
 
 The keep fractions then come from one budget: memory is split across layers so that the total attention mass
 lost, ``sum_l (1 - captured_l(f_l))``, is smallest while the kept KV bytes equal ``target_ratio`` of the full
-cache (greedy on marginal gains over a fine grid). Layers whose recent queries attend to few tokens get little,
+cache (greedy on marginal gains over a fine grid, taken on each curve's upper concave envelope: see
+``allocate_keep``). Layers whose recent queries attend to few tokens get little,
 layers with spread attention get much: the pyramid, where the model has one.
 """
 
@@ -200,16 +201,16 @@ def allocate_keep(
 
     Returns:
         float32 ``[L]`` keep fractions (1.0 for layers not budgeted), on the grid, at least ``floor``, their mean
-        over the budgeted layers ``budget_fraction`` rounded to the grid (unless every layer is kept whole).
+        over the budgeted layers ``budget_fraction`` rounded to the grid (unless the floors alone exceed it).
 
-    Greedy on marginal gains, taken on the upper concave envelope of each curve above its floor: the budget goes,
-    one envelope segment at a time, to the steepest segment of any layer (ties: the lowest layer first), and the
-    last one is cut to what is left. For concave curves this is exactly the one-step greedy. The envelope matters
-    where a curve is flat and then rises: the one-step gain there is small (or zero), the greedy would never climb
-    the flat part, and the budget would go to layers that are already steep. Observed curves always start flat
-    when the floor is finer than the calibration contexts resolve (all of them, at ``--max-seq-length 512``: the
-    cut contexts are at most ``seq_len - horizon`` tokens, so sinks + window cover more than ``floor`` of them),
-    and every tie then sent the whole budget to the first layers in index order, filling them one after another.
+    Greedy on marginal gains, taken on each curve's upper concave envelope above its floor: the budget goes one
+    envelope segment at a time to the steepest segment of any layer (ties: the lowest layer first), the last one
+    cut to what is left. On concave curves this is exactly the one-step greedy; it differs where a curve is flat or
+    rises slowly and then steeply, a stretch the one-step greedy never climbs. Observed curves are flat up to
+    ``(sink + window) / t`` of the longest cut context ``t <= seq_len - horizon``: at short calibration lengths
+    (512 tokens) that covers every layer's floor, all one-step gains there were zero, and the one-step greedy
+    filled the first layers in index order. The result is within one envelope gap (how far a curve falls below its
+    envelope) of the exact optimum: only the cut segment can end below the envelope.
     """
     n_layers = curves.shape[0]
     idx = [l for l in range(n_layers) if budgeted[l]]

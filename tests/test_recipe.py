@@ -190,12 +190,12 @@ def test_valid_edge_values(tmp_path: Path) -> None:
     path = write_recipe(
         tmp_path,
         "model: org/name\ntarget_ratio: 1\ndevice: cuda:1\nmax_memory: {0: 70GiB, cpu: 100GiB}\n"
-        "methods: [kvsharer, pyramidinfer]\nkvsharer:\npyramidinfer: {window: 8, layers: [1, 2]}\n",
+        "methods: [kvsharer, pyramidinfer]\nkvsharer:\npyramidinfer: {window: 8, pool: 3}\n",
     )
     recipe = load_recipe(path)
     assert recipe.target_ratio == 1.0 and isinstance(recipe.target_ratio, float)
     assert recipe.max_memory == {"0": "70GiB", "cpu": "100GiB"}
-    assert recipe.method_args == {"kvsharer": {}, "pyramidinfer": {"window": 8, "layers": [1, 2]}}
+    assert recipe.method_args == {"kvsharer": {}, "pyramidinfer": {"window": 8, "pool": 3}}
     assert recipe.with_overrides(methods=[]).methods == []  # allowed: a plan that changes nothing
 
 
@@ -214,11 +214,13 @@ def test_with_overrides() -> None:
     assert (changed.seed, changed.num_calibration_samples) == (7, 2)
     assert (changed.target_ratio, changed.dataset) == (base.target_ratio, base.dataset)
     assert base.seed == 42  # the original is untouched
-    merged = base.with_overrides(method_args={"pyramidinfer": {"window": 64}, "kcache": {"bits": 4}})
+    merged = base.with_overrides(method_args={"pyramidinfer": {"window": 64}, "kcache": {}})
     kvsharer = {"share_layers": "auto", "threshold": 0.95, "order": "attention_error"}
     assert merged.method_args == {
-        "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"}, "kcache": {"bits": 4}, "kvsharer": kvsharer
+        "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"}, "kcache": {}, "kvsharer": kvsharer
     }
+    with pytest.raises(RecipeError, match=r"unknown kcache option\(s\) \['bits'\]"):  # the registry has none yet
+        base.with_overrides(method_args={"kcache": {"bits": 4}})
     assert base.method_args == {"pyramidinfer": {"window": 32, "sink": 4, "head_reduce": "max"}, "kvsharer": kvsharer}
     with pytest.raises(RecipeError, match="'target_ratio' must be in"):
         base.with_overrides(target_ratio=2.0)
@@ -228,15 +230,15 @@ def test_with_overrides() -> None:
 
 def test_to_dict_is_json_serialisable_stable_and_round_trips() -> None:
     recipe = resolve_recipe("llama-3-8b").with_overrides(
-        max_memory={0: "70GiB", "cpu": "90GiB"}, method_args={"kcache": {"b": 1, "a": [1, 2]}}
+        max_memory={0: "70GiB", "cpu": "90GiB"}, method_args={"kvsharer": {"threshold": 0.9, "max_trials": 8}}
     )
     first = json.dumps(recipe.to_dict())
     assert first == json.dumps(recipe.to_dict())
     assert recipe.to_json() == json.dumps(json.loads(first), separators=(",", ":"), ensure_ascii=False)
     keys = list(recipe.to_dict())
     assert keys[:3] == ["alias", "model", "model_revision"]
-    assert keys[-3:] == ["kcache", "kvsharer", "pyramidinfer"]
-    assert list(recipe.to_dict()["kcache"]) == ["a", "b"]
+    assert keys[-2:] == ["kvsharer", "pyramidinfer"]
+    assert list(recipe.to_dict()["kvsharer"]) == sorted(recipe.to_dict()["kvsharer"])
     assert Recipe.from_dict(json.loads(first)) == recipe
     # equal recipes built in a different key order serialise identically
     shuffled = dict(reversed(list(recipe.to_dict().items())))
