@@ -24,11 +24,11 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def _load(model_ref: str):
-    try:
+    if (Path.cwd() / "runtime" / "models.py").exists():
         from runtime.models import load_model, resolve_model_spec
 
         spec = resolve_model_spec(model_ref)
-    except ImportError:  # checkouts before issue 9 kept the loader in calibrate
+    else:  # checkouts before issue 9 kept the loader in calibrate
         from calibrate.models import load_model
         from calibrate.recipe import resolve_recipe
 

@@ -257,11 +257,14 @@ def _print_summary(plan, result, out: Path) -> None:
     kvs = result.report.get("kvsharer")
     if kvs:
         pairs = ", ".join(f"{l}<-{s}" for l, s in enumerate(kvs["share_source"]) if s != l) or "none"
-        final = kvs["final"] or {}
+        final = kvs["final"]
+        last = (
+            f"last accepted candidate: cosine {final['cosine']:.4f}, top-1 {final['top1']:.3f}"
+            if final else "no candidate passed the threshold"
+        )
         print(
             f"kvsharer: {len(kvs['shared_layers'])} layers shared ({pairs}); {kvs['trials']} candidates tried in "
-            f"{kvs['search_seconds']:.1f} s; final cosine {final.get('cosine', float('nan')):.4f}, "
-            f"top-1 {final.get('top1', float('nan')):.3f}",
+            f"{kvs['search_seconds']:.1f} s; {last}",
             file=err,
         )
     split = result.report.get("split")
