@@ -20,11 +20,12 @@ import json
 import math
 import os
 import sys
-import textwrap
 import time
 import traceback
 import warnings
 from pathlib import Path
+
+from runtime.cli import HelpFormatter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_QUESTION = "Which of the tasks above is about {topic}? Answer with its number and one sentence."
@@ -48,37 +49,6 @@ EVAL_LEGEND = _KV_LEGEND.format(who="method's") + """
 - continuation: free-running greedy outputs compared token by token with the full cache's (fraction of matching
   tokens; extra: mean position of the first divergence).
 - leval: exact match on option letters, token F1 otherwise."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with every option's default (except flags and options that have none); descriptions and epilogs
-    keep their line breaks and their ``- `` bullets, each paragraph wrapped to the terminal."""
-
-    def _get_help_string(self, action):
-        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
-            return action.help
-        if isinstance(action.default, (list, tuple)):  # as it is typed: "0.1 0.5 0.9"
-            return f"{action.help or ''} (default: {' '.join(map(str, action.default))})"
-        return super()._get_help_string(action)
-
-    def _fill_text(self, text, width, indent):
-        paragraphs: list[list[str]] = []
-        for line in text.splitlines():
-            if not line.strip():
-                paragraphs.append([])
-            elif line.startswith("  ") and paragraphs and paragraphs[-1]:
-                paragraphs[-1].append(line.strip())  # a bullet's continuation line
-            else:
-                paragraphs.append([line.strip()])
-        out = []
-        for words in paragraphs:
-            joined = " ".join(words)
-            hang = indent + "  " if joined.startswith("- ") else indent
-            out.append(textwrap.fill(
-                joined, width, initial_indent=indent, subsequent_indent=hang, break_on_hyphens=False,
-                break_long_words=False,
-            ) if joined else "")
-        return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
