@@ -26,28 +26,38 @@ CORPUS = [
 ] * 5
 
 
-def make_tokenizer():
-    """A byte-level BPE tokenizer (vocab 400) trained in memory, with ``<unk> <s> </s>`` and a chat template."""
+def train_backend(corpus=CORPUS, vocab_size: int = 400):
+    """A byte-level BPE tokenizer backend (``tokenizers``) with ``<unk> <s> </s>``, trained in memory on ``corpus``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    backend.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    backend.train_from_iterator(corpus, trainer)
+    return backend
+
+
+def make_tokenizer(corpus=CORPUS, chat_template: str | None = CHAT_TEMPLATE):
+    """A transformers tokenizer over :func:`train_backend` (vocab 400), with a chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_backend(corpus), unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
-def make_tiny_model(out: Path, *, layers: int = 4, seed: int = 0) -> Path:
+def make_tiny_model(out: Path, *, layers: int = 4, seed: int = 0, tokenizer=None) -> Path:
+    """Save a random Llama (seeded) and ``tokenizer`` (default :func:`make_tokenizer`) to ``out``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
     config = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,

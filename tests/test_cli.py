@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import pyramid_plan
+from make_tiny_model import make_tiny_model
 from test_data import make_tokenizer
 
 from calibrate.__main__ import main as calibrate_main
@@ -30,18 +30,7 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=3, tokenizer=make_tokenizer())
 
 
 @pytest.fixture(scope="module")

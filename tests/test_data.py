@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import make_tiny_model
 from calibrate.data import DataSourceError, build_calibration_set, hash_samples, load_documents
 from calibrate.recipe import Recipe
 
@@ -26,20 +27,8 @@ CORPUS = [
 
 
 def make_tokenizer(*, chat_template: str | None = CHAT_TEMPLATE):
-    """A small byte-level BPE tokenizer trained in memory (no downloads)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
+    """A small byte-level BPE tokenizer trained in memory on this file's corpus (no downloads)."""
+    return make_tiny_model.make_tokenizer(CORPUS, chat_template)
 
 
 @pytest.fixture(scope="module")

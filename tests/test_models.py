@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import make_tiny_model
 from runtime.models import (
     ModelSourceError,
     converted_dir_for,
@@ -41,17 +42,8 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 def train_backend():
-    """A byte-level BPE tokenizer (tokenizers backend) trained in memory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    backend.train_from_iterator(CORPUS, trainer)
-    return backend
+    """A byte-level BPE tokenizer (tokenizers backend, vocab 300) trained in memory on this file's corpus."""
+    return make_tiny_model.train_backend(CORPUS, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
