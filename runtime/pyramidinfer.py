@@ -332,10 +332,6 @@ class BudgetedLayer(DynamicLayer, PlanLayer):
     def physical_bytes(self, by_device: bool = False):
         return tensor_bytes((*self.storage.tensors(), self.real_seen), by_device)
 
-    def key_valid(self) -> torch.Tensor:
-        """bool ``[B, H_s, T]``: slots holding a real (non-padding) token."""
-        return self.storage.valid()
-
     def check_forward(self, layer_idx: int, where: str) -> None:
         if self._pending is not None:
             raise RuntimeError(
@@ -395,11 +391,6 @@ class BudgetedLayer(DynamicLayer, PlanLayer):
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()
         return out
-
-    @property
-    def step_pending(self) -> bool:
-        """True while this forward's compression waits for readers that have not attended yet."""
-        return self._pending is not None
 
     def _combine_votes(self, votes: list[torch.Tensor]) -> torch.Tensor:
         """One score per token from the source's and its readers' attention (same rule as over query heads)."""

@@ -191,17 +191,11 @@ class MethodSpec:
     def required_tensor(self) -> TensorSpec:
         return next(t for t in self.tensors if t.required)
 
-    def tensor(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.tensors if t.name == name), None)
-
     def param(self, name: str) -> ParamSpec:
         return self._params[name]
 
     def runtime_params(self) -> tuple[ParamSpec, ...]:
         return tuple(p for p in self.params if p.stage == "runtime")
-
-    def calibration_params(self) -> tuple[ParamSpec, ...]:
-        return tuple(p for p in self.params if p.stage == "calibration")
 
     def resolve_args(self, args: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
         """Every parameter of the method: ``args`` (recipe values) validated, defaults filled in.

@@ -27,7 +27,7 @@ import runtime
 import runtime.attention
 from runtime.cache import cache_argument
 from runtime.kvsharer import SharedLayer
-from runtime.pyramidinfer import BudgetedLayer, PyramidParams
+from runtime.pyramidinfer import BudgetedLayer
 
 # =====================================================================================================================
 # ADAPTER: every access to plan-layer internals goes through the functions of this block (and nowhere else), so a
@@ -55,33 +55,21 @@ def held(layer) -> tuple[torch.Tensor, torch.Tensor]:
     index of the token in the full (padded) sequence, i.e. a column of transformers' attention mask. Slots with
     ``valid`` False hold nothing real (their position is meaningless).
     """
-    layer = owner(layer)
-    if callable(getattr(layer, "held", None)):  # the PlanLayer interface: Held(keys, values, positions, valid)
-        state = layer.held()
-        width = state.keys.shape[-2]
-        positions, valid = state.positions, state.valid  # None: slot t holds token t / the forward's mask says all
-    else:  # the first BudgetedLayer: positions int32 [B, T], key_valid() bool [B, T]
-        width = layer.positions.shape[-1]
-        positions, valid = layer.positions, layer.key_valid()
+    state = owner(layer).held()  # the PlanLayer interface: Held(keys, values, positions, valid)
+    positions, valid = state.positions, state.valid  # None: slot t holds token t / the forward's mask says all
     if positions is None:
-        positions = torch.arange(width)[None, None, :]
+        positions = torch.arange(state.keys.shape[-2])[None, None, :]
     if valid is None:
         valid = torch.ones(positions.shape, dtype=torch.bool)
-    if positions.dim() == 2:
-        positions = positions[:, None, :]
-    if valid.dim() == 2:
-        valid = valid[:, None, :]
     positions, valid = torch.broadcast_tensors(positions.to(torch.int64), valid)
     return positions.clone(), valid.clone()
 
 
 def select_per_kv_head(monkeypatch) -> None:
-    """Make every budgeted layer keep its own tokens per KV head (``H = H_kv``), or skip where there is no such mode.
+    """Make every budgeted layer keep its own tokens per KV head (``H = H_kv``).
 
     Not a plan parameter (yet): the layers' ``PyramidParams`` get ``per_kv_head=True`` as they are built.
     """
-    if "per_kv_head" not in {f.name for f in dataclasses.fields(PyramidParams)}:
-        pytest.skip("this runtime has no per-KV-head selection")
     original = BudgetedLayer.__init__
 
     def init(layer, params, *args, **kwargs):
