@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from runtime import registry, resources
+from runtime.models import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Recipe:
     #: ``pypi-assemble:<package>``.
     model: str = ""
     #: Hub branch, tag or commit (hub models only).
-    model_revision: str = "main"
+    model_revision: str = ModelSpec.model_revision
     #: GGUF file inside ``model`` when ``model`` is a hub repo or a local directory.
     gguf_file: str | None = None
     #: Tokenizer to use instead of the model's own (HF repo id or local directory).
@@ -74,9 +75,9 @@ class Recipe:
     #: What to tell the user when the model's package or files are missing.
     install_hint: str | None = None
     #: Weights dtype: auto | float32 | bfloat16 | float16.
-    dtype: str = "float32"
+    dtype: str = ModelSpec.dtype
     #: cpu | cuda | cuda:N | auto (accelerate ``device_map="auto"``).
-    device: str = "cpu"
+    device: str = ModelSpec.device
     #: accelerate ``max_memory`` for ``device: auto``, e.g. ``{"0": "75GiB", "cpu": "100GiB"}``.
     max_memory: dict[str, str | int] | None = None
     #: ``builtin:self-instruct``, a local .txt/.jsonl file or folder of .txt, or an HF datasets name.

@@ -19,6 +19,7 @@ loads read that copy. The cache root is ``$KVPLAN_CACHE`` or ``~/.cache/kvplan``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import importlib
@@ -63,16 +64,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _SOURCE_INFO_FILE = "kvplan_source.json"
 
 
-MODEL_KEYS = ("model", "model_revision", "gguf_file", "tokenizer", "install_hint", "dtype", "device", "max_memory")
-"""The recipe keys that say which weights to load and where (a calibration ``Recipe`` has all of them)."""
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """Which weights to load and where: the model part of a recipe.
 
-    ``calibrate.recipe.Recipe`` carries the same attributes (and is accepted wherever a ``ModelSpec`` is); the
-    runtime builds one from a built-in alias, a plan's recorded recipe, a local path or an HF repo id.
+    ``calibrate.recipe.Recipe`` carries the same attributes, with these defaults (and is accepted wherever a
+    ``ModelSpec`` is); the runtime builds one from a built-in alias, a plan's recorded recipe, a local path or an HF
+    repo id.
     """
 
     model: str
@@ -96,6 +94,10 @@ class ModelSpec:
         if "max_memory" in values and not isinstance(values["max_memory"], dict):
             raise ModelSourceError(f"recipe key 'max_memory' must be a mapping, got {values['max_memory']!r:.60}")
         return cls(**values)
+
+
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelSpec))
+"""The recipe keys that say which weights to load and where (a calibration ``Recipe`` has all of them)."""
 
 
 class ModelSourceError(RuntimeError):
