@@ -22,6 +22,8 @@ from runtime.evaluation.lm import agreement_and_kl
 from runtime.kvsharer import parse_share_layers
 from runtime.plan import Plan, fingerprint_from_model
 
+from .kvsharer import sharing_plan
+
 log = logging.getLogger(__name__)
 
 SPLIT_FRACTIONS = (0.125, 0.25, 0.375)  # shares of the full-attention layers tried as splits
@@ -96,12 +98,13 @@ def pyramid_plan(model, keep: torch.Tensor, runtime_params: dict) -> Plan:
     )
 
 
-def choose_split(model, samples, kinds, search, runtime_params: dict, allocate, sharing_plan):
+def choose_split(model, samples, kinds, search, runtime_params: dict, allocate):
     """Score every candidate number of shared layers as a whole plan; return the best map and the table.
 
-    ``allocate(sources)`` gives the owners' keep fractions for a sharing map; ``sharing_plan(model, sources,
-    extra)`` builds the composed plan (KVSharer's); ``search.steps[k]`` is the map after ``k + 1`` acceptances.
+    ``allocate(sources)`` gives the owners' keep fractions for a sharing map; ``search.steps[k]`` is the map after
+    ``k + 1`` acceptances.
     """
+
     n_full = sum(1 for k in kinds if k == "full_attention")
     fidelity = ContinuationFidelity(model, samples)
     identity = list(range(len(kinds)))

@@ -287,7 +287,6 @@ def calibration_step(ctx) -> None:
     plan and the best sharing map is handed back to KVSharer (``ctx.state["kvsharer"]``)."""
     from .budget_split import choose_split, split_is_searched
     from .collect import run_calibration_pass
-    from .kvsharer import sharing_plan
     from .pipeline import CalibrationError
 
     try:
@@ -315,7 +314,7 @@ def calibration_step(ctx) -> None:
     sources = None if search is None else search.sources
     if search is not None and split_is_searched(ctx.recipe, ctx.methods):
         sources, split_table = choose_split(
-            ctx.model, ctx.samples, ctx.kinds, search, settings.runtime_params(), allocate, sharing_plan
+            ctx.model, ctx.samples, ctx.kinds, search, settings.runtime_params(), allocate
         )
         ctx.report["split"] = split_table
         ctx.provenance["joint_split"] = split_table
