@@ -63,7 +63,7 @@ def _build_layer(spec: LayerPlan, layers: list):
     if not spec.owns_cache:
         return SharedLayer(spec.source, layers[spec.source])
     if spec.selection is not None:
-        return BudgetedLayer(spec.selection, readers=spec.readers)
+        return spec.selection.make_layer(readers=spec.readers)
     if spec.readers:
         return FullLayer()
     return None
@@ -136,13 +136,13 @@ def theoretical_bytes(
         if not spec.owns_cache:
             held = 0  # a sharing layer reads its source's cache
         elif spec.selection is not None:
-            held = theoretical_kept(seq_len, spec.selection)
+            held = spec.selection.theoretical_tokens(seq_len)
         elif kind != "full_attention" and window:
             held = min(seq_len, window)
         else:
             held = seq_len
         total += held * per_token
-    return total * batch_size
+    return round(total * batch_size)
 
 
 def kept_lengths(cache: Cache) -> list[int]:

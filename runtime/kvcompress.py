@@ -1,38 +1,774 @@
-"""KV-Compress at run time: per-(layer, KV head) token budgets — the plan schema only, for now.
+"""KV-Compress at run time: every KV head keeps its own calibrated number of tokens, in ragged compact storage.
 
-``kvcompress.head_keep`` float32 ``[L, H_kv]`` holds each KV head's share of its layer's budget. This runtime
-cannot apply it yet (the ragged per-head storage comes with the KV-Compress issue): the method is registered with
-no runtime hook, so ``Plan.load`` validates such a plan and ``runtime.apply_plan`` refuses it with a ``PlanError``
-instead of silently applying the plan without it.
+Plan tensors (the exact semantics; ``Plan.check`` validates them):
+
+- ``kvcompress.head_keep`` float32 ``[L, H_kv]``: each KV head's **share of its layer's budget**. Every entry is in
+  ``[0, 1]`` and every row sums to 1 (within 1e-3). With the layer's keep fraction ``k_l`` (PyramidInfer's
+  ``pyramidinfer.layer_keep[l]``, or ``kvcompress.layer_keep[l]`` in a plan without PyramidInfer), head ``h`` of
+  layer ``l`` keeps the fraction ``f_lh = min(1, head_keep[l, h] * H_kv * k_l)`` of the real tokens it has seen:
+  ``budget = min(seen, max(ceil(f_lh * seen), sink + window))``. A head with ``f_lh = 1`` keeps the whole context.
+  Equal shares give every head the layer's budget; in a plan with PyramidInfer such a layer *is* a PyramidInfer
+  layer (one token set for all its heads, PyramidInfer's scoring), so equal shares reproduce the PyramidInfer plan.
+- ``kvcompress.layer_keep`` float32 ``[L]`` in ``(0, 1]``: the per-layer fractions of a plan that has KV-Compress
+  without PyramidInfer (required there, refused next to ``pyramidinfer.layer_keep``).
+- ``kvcompress.captured_curve`` float32 ``[L, H_kv, *]`` / ``kvcompress.captured_mass`` float32 ``[L, H_kv]``:
+  calibration data for inspection (attention mass a head's future queries find when it keeps ``i / (n - 1)`` of
+  the context), never read by the runtime.
+
+Which tokens a head keeps (KV-Compress's metric, per request): after prefill the last ``window`` real queries score
+every context token with their **squared** attention probabilities (``metric: l2``; ``l1``: plain), max-pooled
+along the sequence (``pool``) per query head and summed over the query heads of the KV head's group (GQA); sinks
+and the recent ``window`` tokens are always kept. While decoding every query's squared attention is added to the
+scores (KV-Compress's continual metric), new tokens wait in a small dense tail and, every ``slack`` tokens, each
+head keeps its best ``budget`` of what it holds (never fewer than the budget of the current length).
+
+Storage (:class:`RaggedStorage`): per layer, **fixed-size blocks of ``block`` tokens, each owned by one (row, KV
+head)**, packed one after the other with a block→(row, head) table — no full-length tensor, no mask, no padding of
+heads to the widest one; a head holds ``ceil(kept / block)`` blocks. Attention over it is exact and vectorised:
+per-block scores by one batched matmul, a segmented softmax (max and sum reduced per (row, head) with
+``scatter_reduce`` / ``index_add``), per-block ``P @ V`` summed per (row, head). No loop over heads or tokens.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
 
-from .schema import MethodSpec, TensorContext, TensorSpec
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .layers import Held, LayerPlan, PlanLayer, tensor_bytes
+from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
+
+NEG_INF = float("-inf")
+POS_INF = float("inf")
+SHARE_TOLERANCE = 1e-3  # rows of head_keep must sum to 1 within this
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Budgets
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """Per-layer KV-Compress settings taken from a plan.
+
+    Attributes:
+        fractions: per KV head, the fraction of the seen tokens it keeps (``f_lh``, in ``[0, 1]``; 1 keeps all).
+        window: recent tokens every head keeps; also the number of last prefill queries that score the context.
+        sink: first real tokens every head keeps.
+        pool: max-pooling width of the prefill scores along the sequence (1 = none).
+        metric: ``l2`` (squared attention, KV-Compress's default) or ``l1``.
+        block: tokens per storage block.
+        slack: decode tokens held in the dense tail before they are merged into the blocks (and heads over their
+            budget evict).
+    """
+
+    fractions: tuple[float, ...]
+    window: int
+    sink: int
+    pool: int
+    metric: str
+    block: int
+    slack: int
+
+    def budget(self, seen: torch.Tensor) -> torch.Tensor:
+        """int64 ``[*seen.shape, H_kv]``: tokens each head keeps after ``seen`` real tokens (int64 tensor)."""
+        frac = torch.tensor(self.fractions, dtype=torch.float64, device=seen.device)
+        seen = seen.to(torch.int64)[..., None]
+        # ceil, forgiving float32 rounding of the plan's shares (0.3f * 300 is 90.0000036, not 91 tokens)
+        want = torch.ceil(seen.to(torch.float64) * frac - 1e-6).to(torch.int64)
+        floor = torch.clamp(seen, max=self.sink + self.window)
+        return torch.minimum(torch.maximum(want, floor), seen)
+
+    def theoretical_tokens(self, seen: int) -> float:
+        """Tokens held per KV head on average after ``seen`` real tokens (for memory accounting)."""
+        if seen <= 0:
+            return 0.0
+        return float(self.budget(torch.tensor(seen)).double().mean())
+
+    def make_layer(self, readers: int = 0) -> "RaggedLayer":
+        return RaggedLayer(self, readers=readers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kvc_scores(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_valid: torch.Tensor,
+    scaling: float,
+    window: int,
+    pool: int = 7,
+    metric: str = "l2",
+) -> torch.Tensor:
+    """KV-Compress's prefill metric: the squared attention of the last ``window`` queries, per KV head.
+
+    Args:
+        query: ``[B, H_q, Q, d]`` queries of the chunk just processed (post-RoPE); the last ``window`` vote.
+        keys: ``[B, H_kv, T, d]``; the last ``Q`` of them belong to ``query``'s tokens.
+        key_valid: bool ``[B, T]``, False for padding.
+        scaling: softmax scale.
+        window: number of last queries that vote.
+        pool: max-pooling width along the sequence, applied per query head before the group sum (1 = none).
+        metric: ``l2`` (sum of squared probabilities) or ``l1`` (sum of probabilities).
+
+    Returns:
+        float32 ``[B, H_kv, T]``: ``sum over the group's query heads of maxpool(sum over real window queries of
+        p**2)``; padding keys get 0. Rows are independent (a padded row scores as it does alone).
+    """
+    bsz, n_q_heads, q_len, dim = query.shape
+    n_kv, total = keys.shape[1], keys.shape[2]
+    w = min(window, q_len)
+    groups = n_q_heads // n_kv
+    q = query[:, :, -w:, :].float().reshape(bsz, n_kv, groups * w, dim)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, H_kv, G*w, T]
+    logits = logits.view(bsz, n_kv, groups, w, total)
+    q_pos = torch.arange(total - w, total, device=keys.device)
+    k_pos = torch.arange(total, device=keys.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # [B, w, T]
+    probs = torch.softmax(logits.masked_fill(~allowed[:, None, None], NEG_INF), dim=-1).nan_to_num(0.0)
+    if metric == "l2":
+        probs = probs * probs
+    elif metric != "l1":
+        raise ValueError(f"metric must be 'l2' or 'l1', not {metric!r}")
+    real_q = key_valid[:, -w:].to(probs.dtype)[:, None, None, :, None]  # a window query is real when its token is
+    per_head = (probs * real_q).sum(dim=3)  # [B, H_kv, G, T]
+    if pool > 1:
+        flat = per_head.reshape(-1, 1, total)
+        per_head = torch.nn.functional.max_pool1d(flat, pool, stride=1, padding=pool // 2)[:, 0, :total]
+        per_head = per_head.view(bsz, n_kv, groups, total)
+    return per_head.sum(dim=2) * key_valid[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ragged storage and attention over it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0) - counts
+
+
+class RaggedStorage:
+    """What one layer keeps: blocks of ``block`` tokens, each owned by one (row, KV head) *segment*.
+
+    Tensors (``N`` blocks, ``S = B * H_kv`` segments, segment ``s = row * H_kv + head``):
+        keys / values: ``[N, block, d]``; positions: int32 ``[N, block]`` (each slot's index in the full sequence);
+        scores: float32 ``[N, block]`` (``-inf``: an empty slot at the end of a segment's last block; ``+inf``: a
+        sink); block_seg: int64 ``[N]`` (owner segment, ascending: a segment's blocks are contiguous);
+        lengths: int64 ``[S]`` (tokens each segment holds). Within a segment, slots ``0 .. lengths[s] - 1`` are
+        filled in position order.
+    """
+
+    def __init__(self, block: int):
+        self.block = block
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.block_seg: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
+
+    def pack(self, seg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+             scores: torch.Tensor, segments: int) -> None:
+        """Fill the storage from flat entries sorted by (segment, position): ``seg`` int64 ``[n]``, ``keys``/``values``
+        ``[n, d]``, ``positions`` ``[n]``, ``scores`` ``[n]``."""
+        blk = self.block
+        device = keys.device
+        lengths = torch.bincount(seg, minlength=segments)
+        n_blocks = (lengths + blk - 1) // blk
+        first_block = _exclusive_cumsum(n_blocks)
+        slot = torch.arange(seg.numel(), device=device) - _exclusive_cumsum(lengths)[seg]
+        block_idx = first_block[seg] + torch.div(slot, blk, rounding_mode="floor")
+        offset = slot % blk
+        total_blocks = int(n_blocks.sum())
+        dim = keys.shape[-1]
+        self.keys = keys.new_zeros(total_blocks, blk, dim)
+        self.values = values.new_zeros(total_blocks, blk, dim)
+        self.positions = torch.zeros(total_blocks, blk, dtype=torch.int32, device=device)
+        self.scores = torch.full((total_blocks, blk), NEG_INF, dtype=torch.float32, device=device)
+        self.keys[block_idx, offset] = keys
+        self.values[block_idx, offset] = values
+        self.positions[block_idx, offset] = positions.to(torch.int32)
+        self.scores[block_idx, offset] = scores.float()
+        self.block_seg = torch.repeat_interleave(torch.arange(segments, device=device), n_blocks)
+        self.lengths = lengths
+
+    def entries(self):
+        """Flat ``(seg, keys, values, positions, scores)`` of every filled slot, sorted by (segment, position)."""
+        filled = self.scores > NEG_INF
+        seg = self.block_seg[:, None].expand_as(filled)[filled]
+        return seg, self.keys[filled], self.values[filled], self.positions[filled].long(), self.scores[filled]
+
+    def select_segments(self, sel: torch.Tensor) -> None:
+        """Keep segments ``sel`` (int64 ``[S']``, may repeat) as the new segments ``0 .. S' - 1``."""
+        n_blocks = torch.bincount(self.block_seg, minlength=self.lengths.numel())
+        first = _exclusive_cumsum(n_blocks)
+        counts = n_blocks[sel]
+        new_first = _exclusive_cumsum(counts)
+        total = int(counts.sum())
+        rank = torch.arange(total, device=sel.device) - torch.repeat_interleave(new_first, counts)
+        idx = torch.repeat_interleave(first[sel], counts) + rank
+        for name in ("keys", "values", "positions", "scores"):
+            setattr(self, name, getattr(self, name)[idx])
+        self.block_seg = torch.repeat_interleave(torch.arange(sel.numel(), device=sel.device), counts)
+        self.lengths = self.lengths[sel]
+
+    def tensors(self) -> tuple:
+        return (self.keys, self.values, self.positions, self.scores, self.block_seg, self.lengths)
+
+    def clear(self) -> None:
+        self.keys = self.values = self.positions = self.scores = self.block_seg = self.lengths = None
+
+
+def ragged_attend(
+    query: torch.Tensor,
+    body: RaggedStorage,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_allowed: torch.Tensor,
+    scaling: float,
+    metric: str = "l2",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact attention of ``query`` over a ragged body plus a dense tail, and each slot's vote.
+
+    Args:
+        query: ``[B, H_q, Q, d]`` (query head ``k * G + g`` belongs to KV head ``k``, ``G = H_q / H_kv``).
+        body: blocks every query may attend to (all older than the queries).
+        tail_keys / tail_values: ``[B, H_kv, n, d]`` the newest tokens, held densely (every head has them).
+        tail_allowed: bool ``[B, Q, n]``: which tail tokens each query may attend to (causality, padding), or None
+            when every query may attend to every tail token (a decode step without padding).
+        scaling: softmax scale.
+        metric: ``l2``: the votes are squared probabilities, ``l1``: probabilities.
+
+    Returns:
+        output ``[B, Q, H_q, d]`` (the layout transformers' attention functions return), body votes float32
+        ``[N, block]`` and tail votes float32 ``[B, H_kv, n]`` (summed over the group's query heads and queries).
+    """
+    bsz, n_q_heads, q_len, dim = query.shape
+    n_kv, n_tail = tail_keys.shape[1], tail_keys.shape[2]
+    groups = n_q_heads // n_kv
+    segs = bsz * n_kv
+    gq = groups * q_len
+    work = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    qs = query.reshape(segs, gq, dim).to(work)  # [S, G*Q, d]: segment s = row * H_kv + head
+    seg = body.block_seg
+    # scores are >= 0 for filled slots and -inf for empty ones: clamp(max=0) is the additive mask
+    bias_b = body.scores.clamp(max=0.0)[:, None, :].to(work)  # [N, 1, blk]
+    logits_b = torch.baddbmm(bias_b, qs[seg], body.keys.to(work).transpose(1, 2), alpha=scaling)  # [N, GQ, blk]
+    tail_k = tail_keys.to(work).reshape(segs, n_tail, dim)
+    if tail_allowed is None:
+        logits_t = torch.bmm(qs, tail_k.transpose(1, 2)).mul_(scaling)  # [S, GQ, n]
+    else:
+        bias_t = torch.zeros(tail_allowed.shape, dtype=work, device=query.device).masked_fill_(~tail_allowed, NEG_INF)
+        bias_t = bias_t[:, None, None].expand(bsz, n_kv, groups, q_len, n_tail).reshape(segs, gq, n_tail)
+        logits_t = torch.baddbmm(bias_t, qs, tail_k.transpose(1, 2), alpha=scaling)
+    top = logits_t.amax(dim=-1)  # [S, GQ]
+    block_top = logits_b.amax(dim=-1)  # [N, GQ]
+    top = top.scatter_reduce(0, seg[:, None].expand_as(block_top), block_top, "amax", include_self=True)
+    top = top.masked_fill_(top == NEG_INF, 0.0)  # a query that may attend to nothing (padding) outputs 0
+    exp_b = logits_b.sub_(top[seg][:, :, None]).exp_()
+    exp_t = logits_t.sub_(top[:, :, None]).exp_()
+    denom = exp_t.sum(dim=-1).index_add_(0, seg, exp_b.sum(dim=-1))  # [S, GQ]
+    out = torch.bmm(exp_t, tail_values.to(work).reshape(segs, n_tail, dim))
+    out = out.index_add_(0, seg, torch.bmm(exp_b, body.values.to(work)))
+    inv = 1.0 / denom.clamp_(min=torch.finfo(work).tiny)  # [S, GQ]
+    result = (out * inv[:, :, None]).to(query.dtype)  # [S, GQ, d]
+    result = result.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
+    # votes: sum over the group's query heads (and queries) of p (l1) or p**2 (l2), p = exp / denom
+    if metric == "l2":
+        weight = inv * inv
+        exp_b, exp_t = exp_b.mul_(exp_b), exp_t.mul_(exp_t)
+    else:
+        weight = inv
+    votes_b = torch.bmm(weight[seg][:, None, :], exp_b)[:, 0]  # [N, blk]
+    votes_t = torch.bmm(weight[:, None, :], exp_t)[:, 0].view(bsz, n_kv, n_tail)
+    return result, votes_b.float(), votes_t.float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cache layer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RaggedLayer(DynamicLayer, PlanLayer):
+    """Cache layer where every KV head keeps its own budget of tokens (KV-Compress), in :class:`RaggedStorage`.
+
+    The first forward (the prefill) attends exactly over everything (transformers' SDPA), then each (row, head)
+    keeps its ``budget`` best tokens by :func:`kvc_scores`. Later tokens wait in a dense tail ``[B, H_kv, n, d]``
+    (a buffer of ``slack`` tokens allocated at the first decode step; attention covers body and tail exactly) and
+    are merged into the blocks every ``slack`` tokens, when each head over its budget evicts its lowest-scored
+    tokens (sinks and the recent window protected). Decisions are per (row, head) from that row's own counts and
+    scores, and the merge happens at the same step for every row, so a row of a padded batch evolves exactly as it
+    would alone.
+    """
+
+    def __init__(self, params: HeadParams, readers: int = 0):
+        super().__init__()
+        self.params = params
+        self.readers = readers
+        self.body = RaggedStorage(params.block)
+        self._tail_k: torch.Tensor | None = None  # [B, H_kv, capacity, d]; the first n_tail slots are used
+        self._tail_v: torch.Tensor | None = None
+        self._tail_s: torch.Tensor | None = None  # float32 [B, H_kv, capacity]; -inf: not a real token
+        self.n_tail = 0
+        self.tail_start = 0  # position of the first tail token
+        self._prefill: tuple[torch.Tensor, torch.Tensor] | None = None  # the first chunk's K/V until compressed
+        self._pending: dict | None = None
+        self.seen = 0
+        self.real_seen: torch.Tensor | None = None  # int64 [B]
+        self.compressed = False
+
+    # ----- the dense tail ---------------------------------------------------------------------------------------
+    @property
+    def tail_keys(self) -> torch.Tensor:
+        return self._tail_k[:, :, : self.n_tail]
+
+    @property
+    def tail_values(self) -> torch.Tensor:
+        return self._tail_v[:, :, : self.n_tail]
+
+    @property
+    def tail_scores(self) -> torch.Tensor:
+        return self._tail_s[:, :, : self.n_tail]
+
+    def _tail_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        bsz, n_kv, q_len, dim = key_states.shape
+        need = self.n_tail + q_len
+        if self._tail_k is None or need > self._tail_k.shape[2]:
+            capacity = max(need, self.params.slack)
+            new_k = key_states.new_zeros(bsz, n_kv, capacity, dim)
+            new_v = value_states.new_zeros(bsz, n_kv, capacity, dim)
+            new_s = torch.zeros(bsz, n_kv, capacity, dtype=torch.float32, device=key_states.device)
+            if self.n_tail:
+                new_k[:, :, : self.n_tail] = self.tail_keys
+                new_v[:, :, : self.n_tail] = self.tail_values
+                new_s[:, :, : self.n_tail] = self.tail_scores
+            self._tail_k, self._tail_v, self._tail_s = new_k, new_v, new_s
+        self._tail_k[:, :, self.n_tail : need] = key_states
+        self._tail_v[:, :, self.n_tail : need] = value_states
+        self._tail_s[:, :, self.n_tail : need] = 0.0  # real until the forward's mask says otherwise (_finish_step)
+        self.n_tail = need
+
+    # ----- transformers' layer protocol -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.compressed:
+            if self._prefill is None:
+                # a copy: the model's tensor may be a view of a larger (fused) buffer
+                self._prefill = (key_states.clone(), value_states.clone())
+            else:
+                self._prefill = (torch.cat([self._prefill[0], key_states], dim=-2),
+                                 torch.cat([self._prefill[1], value_states], dim=-2))
+            keys, values = self._prefill
+        else:
+            self._tail_append(key_states, value_states)
+            keys, values = key_states, value_states  # kvplan's attention reads the storage, not these
+        self.seen += key_states.shape[-2]
+        return keys, values
+
+    def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._prefill is not None:
+            return self._prefill
+        return self.tail_keys, self.tail_values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length_or_cache_position, *args) -> tuple[int, int]:
+        q_len = (
+            query_length_or_cache_position.shape[0]
+            if isinstance(query_length_or_cache_position, torch.Tensor)
+            else int(query_length_or_cache_position)
+        )
+        return self.seen + q_len, 0
+
+    def reset(self) -> None:
+        self.body.clear()
+        self._tail_k = self._tail_v = self._tail_s = None
+        self.n_tail = 0
+        self.tail_start = 0
+        self._prefill = None
+        self._pending = None
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+        self.real_seen = None
+        self.compressed = False
+
+    def crop(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            "a KV-Compress layer cannot be cropped (assisted/speculative decoding rolls back tokens it may have "
+            "evicted); generate without an assistant model while a plan is applied"
+        )
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        if self._prefill is not None:
+            self._prefill = (self._prefill[0][rows], self._prefill[1][rows])
+        if not self.compressed:
+            return
+        n_kv = self._tail_k.shape[1]
+        sel = (rows[:, None] * n_kv + torch.arange(n_kv, device=rows.device)).reshape(-1)
+        self.body.select_segments(sel)
+        self._tail_k, self._tail_v, self._tail_s = self._tail_k[rows], self._tail_v[rows], self._tail_s[rows]
+        self.real_seen = self.real_seen[rows]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        bsz = self._batch_size()
+        self._select_rows(torch.arange(bsz, device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices.to(self.device).long())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx.to(self.device).long())
+
+    def _batch_size(self) -> int:
+        if self._prefill is not None:
+            return self._prefill[0].shape[0]
+        return self._tail_k.shape[0]
+
+    # ----- the plan-layer interface -----------------------------------------------------------------------------
+    def held(self) -> Held:
+        """What the layer holds, materialised as a rectangle ``[B, H_kv, W, d]`` (``W`` = the widest head; for
+        inspection and tests — attention never builds it)."""
+        if not self.compressed:
+            if self._prefill is None:
+                raise RuntimeError("kvplan: the layer has not cached anything yet")
+            return Held(*self._prefill)
+        bsz, n_kv, _, dim = self._tail_k.shape
+        seg, src, pos, _ = self._entries()
+        keys, values = self._gather(src, self.body.keys, self.tail_keys), self._gather(src, self.body.values,
+                                                                                      self.tail_values)
+        segs = bsz * n_kv
+        lengths = torch.bincount(seg, minlength=segs)
+        width = int(lengths.max()) if lengths.numel() else 0
+        slot = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(lengths)[seg]
+        out_k = keys.new_zeros(segs, width, dim)
+        out_v = values.new_zeros(segs, width, dim)
+        out_p = torch.zeros(segs, width, dtype=torch.int64, device=seg.device)
+        valid = torch.zeros(segs, width, dtype=torch.bool, device=seg.device)
+        out_k[seg, slot], out_v[seg, slot], out_p[seg, slot], valid[seg, slot] = keys, values, pos, True
+        shape = (bsz, n_kv, width)
+        return Held(out_k.view(*shape, dim), out_v.view(*shape, dim), out_p.view(shape), valid.view(shape))
+
+    def _entries(self):
+        """Every slot held, as flat int64 ``seg`` (owner), ``src`` (index into the body's flattened slots, or
+        ``N * block +`` index into the flattened tail), ``pos`` and float32 ``score``, grouped by segment in
+        position order."""
+        bsz, n_kv = self._tail_k.shape[:2]
+        body_scores = self.body.scores.reshape(-1)
+        b_src = (body_scores > NEG_INF).nonzero()[:, 0]
+        b_seg = self.body.block_seg.repeat_interleave(self.body.block)[b_src]
+        t_scores = self.tail_scores.reshape(-1)
+        t_src = (t_scores > NEG_INF).nonzero()[:, 0]
+        n_tail = self.n_tail
+        t_seg = torch.div(t_src, max(n_tail, 1), rounding_mode="floor")
+        t_pos = self.tail_start + t_src % max(n_tail, 1)
+        seg = torch.cat([b_seg, t_seg])
+        order = torch.argsort(seg, stable=True)  # body slots of a segment (in position order), then its tail
+        src = torch.cat([b_src, t_src + body_scores.numel()])[order]
+        pos = torch.cat([self.body.positions.reshape(-1)[b_src].long(), t_pos])[order]
+        score = torch.cat([body_scores[b_src], t_scores[t_src]])[order]
+        return seg[order], src, pos, score
+
+    def _gather(self, src: torch.Tensor, body: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        """Rows ``src`` (as :meth:`_entries` numbers them) of the body's and the tail's ``[.., d]`` tensors."""
+        dim = body.shape[-1]
+        flat_body = body.reshape(-1, dim)
+        n_body = flat_body.shape[0]
+        out = body.new_empty(src.numel(), dim)
+        from_body = src < n_body
+        out[from_body] = flat_body[src[from_body]]
+        out[~from_body] = tail.reshape(-1, dim)[src[~from_body] - n_body]
+        return out
+
+    def holds_anything(self) -> bool:
+        return self.compressed or self._prefill is not None
+
+    def kept_lengths(self) -> torch.Tensor:
+        if not self.compressed:
+            if self._prefill is None:
+                return torch.zeros(0, 0, dtype=torch.int64)
+            bsz, n_kv, width, _ = self._prefill[0].shape
+            return torch.full((bsz, n_kv), width, dtype=torch.int64)
+        bsz, n_kv = self._tail_k.shape[:2]
+        return self.body.lengths.view(bsz, n_kv) + (self.tail_scores > NEG_INF).sum(dim=-1)
+
+    def kept_length(self) -> int:
+        lengths = self.kept_lengths()
+        return int(lengths.max()) if lengths.numel() else 0
+
+    def physical_bytes(self, by_device: bool = False):
+        prefill = self._prefill or ()
+        return tensor_bytes((*self.body.tensors(), self._tail_k, self._tail_v, self._tail_s, self.real_seen,
+                             *prefill), by_device)
+
+    def check_forward(self, layer_idx: int, where: str) -> None:
+        if self._pending is not None:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} waited for sharing layers that never attended over its cache in this "
+                f"forward pass ({where}); please report it with the model id"
+            )
+        if self.seen > 0 and not self.compressed:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} cached tokens without going through kvplan's attention function; this "
+                f"architecture ({where}) does not pass keyword arguments down to attention, so the plan cannot be "
+                "applied to it. Please report it with the model id."
+            )
+
+    # ----- attention --------------------------------------------------------------------------------------------
+    def attention(self, query: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, exact) -> torch.Tensor:
+        """Output ``[B, Q, H_q, d]`` of ``query`` over what the layer holds, then the scores / compression."""
+        if not self.compressed:
+            keys, values = self._prefill
+            out = exact(keys, values)
+            valid = _key_valid(full_mask, keys.shape[0], keys.shape[2], keys.device)
+            self._pending = {"prefill": True, "valid": valid, "votes": [self._prefill_votes(query, valid, scaling)]}
+        else:
+            q_len = query.shape[2]
+            allowed = self._tail_allowed(full_mask, q_len)
+            out, votes_b, votes_t = ragged_attend(query, self.body, self.tail_keys, self.tail_values, allowed,
+                                                  scaling, self.params.metric)
+            self._pending = {"prefill": False, "allowed": allowed, "q_len": q_len, "votes": [(votes_b, votes_t)]}
+        if self.readers == 0:
+            self._finish_step()
+        return out
+
+    def reader_attention(self, query, full_mask, scaling, exact) -> torch.Tensor:
+        """A sharing layer's ``query`` over this cache in the same forward; its attention votes too."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("kvplan: a sharing layer attended before its source layer in this forward pass")
+        if pending["prefill"]:
+            keys, values = self._prefill
+            out = exact(keys, values)
+            pending["votes"].append(self._prefill_votes(query, pending["valid"], scaling))
+        else:
+            out, votes_b, votes_t = ragged_attend(query, self.body, self.tail_keys, self.tail_values,
+                                                  pending["allowed"], scaling, self.params.metric)
+            pending["votes"].append((votes_b, votes_t))
+        if len(pending["votes"]) == self.readers + 1:
+            self._finish_step()
+        return out
+
+    def _prefill_votes(self, query, valid, scaling) -> torch.Tensor:
+        p = self.params
+        return kvc_scores(query, self._prefill[0], valid, scaling, p.window, p.pool, p.metric)
+
+    def _tail_allowed(self, full_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+        """bool ``[B, Q, n]``: which tail tokens (the last ``n`` positions) each new query may attend to; None when
+        every query may attend to every tail token (one new token per row, no padding among the tail)."""
+        n_tail = self.n_tail
+        bsz = self._tail_k.shape[0]
+        if full_mask is None:
+            if q_len == 1:
+                return None
+            q_pos = torch.arange(self.seen - q_len, self.seen, device=self._tail_k.device)
+            t_pos = torch.arange(self.seen - n_tail, self.seen, device=self._tail_k.device)
+            return (t_pos[None, :] <= q_pos[:, None]).expand(bsz, q_len, n_tail)
+        allowed = full_mask[:, 0, :, -n_tail:].expand(bsz, q_len, n_tail)
+        if q_len == 1 and bool(allowed.all()):
+            return None
+        return allowed
+
+    def _finish_step(self) -> None:
+        pending, self._pending = self._pending, None
+        votes = pending["votes"]
+        if pending["prefill"]:
+            self._compress_prefill(torch.stack(votes).sum(dim=0) if len(votes) > 1 else votes[0], pending["valid"])
+            return
+        votes_b, votes_t = votes[0]
+        for extra_b, extra_t in votes[1:]:
+            votes_b, votes_t = votes_b + extra_b, votes_t + extra_t
+        q_len, n_tail = pending["q_len"], self.n_tail
+        tail_scores = self.tail_scores
+        tail_scores.add_(votes_t)
+        self.body.scores.add_(votes_b)
+        allowed = pending["allowed"]
+        if allowed is None:
+            self.real_seen += 1
+        else:
+            own = allowed[:, :, n_tail - q_len :].diagonal(dim1=1, dim2=2)  # [B, Q]: is each new token real
+            tail_scores[:, :, n_tail - q_len :].masked_fill_(~own[:, None, :], NEG_INF)
+            self.real_seen += own.sum(dim=-1)
+        if n_tail >= self.params.slack:
+            self._merge()
+
+    def _compress_prefill(self, scores: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep, per (row, head), its budget of the prefill's real tokens (sinks and recent window protected)."""
+        keys, values = self._prefill
+        self._prefill = None
+        bsz, n_kv, total, dim = keys.shape
+        p = self.params
+        rank = valid.long().cumsum(dim=-1)
+        sink = valid & (rank <= p.sink)
+        protected = valid & (sink | (torch.arange(total, device=keys.device) >= total - p.window))
+        ranked = scores.masked_fill(~valid[:, None, :], NEG_INF).masked_fill(protected[:, None, :], POS_INF)
+        self.real_seen = valid.sum(dim=-1)
+        budget = p.budget(self.real_seen)  # [B, H_kv]
+        order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(total, device=keys.device).expand_as(order))
+        keep = (ranks < budget[..., None]) & valid[:, None, :]
+        b, h, t = keep.nonzero(as_tuple=True)
+        kept_scores = torch.where(sink[b, t], POS_INF, scores[b, h, t])  # sinks stay protected; the window ages out
+        self.body.pack(b * n_kv + h, keys[b, h, t], values[b, h, t], t, kept_scores, bsz * n_kv)
+        self.n_tail = 0
+        self.tail_start = self.seen
+        self._tail_k = keys.new_zeros(bsz, n_kv, 0, dim)  # the tail buffer is allocated at the first decode step
+        self._tail_v = values.new_zeros(bsz, n_kv, 0, dim)
+        self._tail_s = torch.zeros(bsz, n_kv, 0, dtype=torch.float32, device=keys.device)
+        self.compressed = True
+
+    def _merge(self) -> None:
+        """Move the tail into the blocks; every (row, head) over its budget keeps its best ``budget`` tokens."""
+        bsz, n_kv = self._tail_k.shape[:2]
+        segs = bsz * n_kv
+        seg, src, pos, score = self._entries()
+        budget = self.params.budget(self.real_seen).view(-1)  # [S]
+        lengths = torch.bincount(seg, minlength=segs)
+        if bool((lengths > budget).any()):
+            recent = pos >= self.seen - self.params.window
+            by_score = torch.argsort(torch.where(recent, POS_INF, score), descending=True, stable=True)
+            order = by_score[torch.argsort(seg[by_score], stable=True)]  # by segment, best first
+            rank = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(lengths)[seg[order]]
+            kept = torch.sort(order[rank < budget[seg[order]]]).values  # back to (segment, position) order
+            seg, src, pos, score = seg[kept], src[kept], pos[kept], score[kept]
+        keys = self._gather(src, self.body.keys, self.tail_keys)
+        values = self._gather(src, self.body.values, self.tail_values)
+        self.body.pack(seg, keys, values, pos, score, segs)
+        self.n_tail = 0
+        self.tail_start = self.seen
+
+
+def _key_valid(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
+    """bool ``[B, T]``: keys some query may attend to (padding keys are masked in every row)."""
+    if full_mask is None:
+        return torch.ones(bsz, total, dtype=torch.bool, device=device)
+    return full_mask[:, 0].any(dim=1).expand(bsz, total)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registration: plan schema, parameters, runtime hook
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _check_head_keep(values: torch.Tensor, context: TensorContext) -> str | None:
-    """Non-negative; every layer gives some budget to at least one head."""
-    if bool((values < 0).any()):
-        return "values must be >= 0"
-    if values.numel() and bool((values.sum(dim=1) <= 0).any()):
-        return "each layer's row must sum to > 0"
+    """Shares in [0, 1], every layer's row summing to 1; a layer budget must come with them."""
+    if bool(((values < 0) | (values > 1)).any()):
+        return "every share must be in [0, 1] (values must be >= 0)"
+    sums = values.double().sum(dim=1)
+    bad = (sums - 1).abs() > SHARE_TOLERANCE
+    if bool(bad.any()):
+        layer = int(bad.nonzero()[0, 0])
+        return (f"each layer's shares must sum to 1 (layer {layer} sums to {float(sums[layer]):.6g}); a head's budget "
+                "is its share x H_kv x the layer's keep fraction")
+    if "pyramidinfer.layer_keep" not in context.tensors and "kvcompress.layer_keep" not in context.tensors:
+        return "needs the layers' budgets: pyramidinfer.layer_keep, or kvcompress.layer_keep without PyramidInfer"
     return None
+
+
+def _check_layer_keep(values: torch.Tensor, context: TensorContext) -> str | None:
+    if "pyramidinfer.layer_keep" in context.tensors:
+        return "must not be given next to pyramidinfer.layer_keep (that one holds the layers' budgets)"
+    if bool(((values <= 0) | (values > 1)).any()):
+        return "every value must be in (0, 1]"
+    return None
+
+
+def _check_curve(values: torch.Tensor, context: TensorContext) -> str | None:
+    if values.shape[-1] < 2:
+        return "needs at least 2 grid points (keep fractions 0 and 1)"
+    if bool((values < -1e-4).any()) or bool((values > 1 + 1e-4).any()):
+        return "values must be in [0, 1] (fractions of attention mass)"
+    if bool((values[..., 1:] < values[..., :-1] - 1e-4).any()):
+        return "each head's curve must be non-decreasing along the grid"
+    return None
+
+
+def _check_mass(values: torch.Tensor, context: TensorContext) -> str | None:
+    if bool((values < -1e-4).any()) or bool((values > 1 + 1e-4).any()):
+        return "values must be in [0, 1] (a fraction of attention mass)"
+    return None
+
+
+def head_fractions(plan, layer: int) -> tuple[float, ...]:
+    """``f_lh`` of every KV head of ``layer``: ``min(1, head_keep[l, h] * H_kv * layer_keep[l])``."""
+    shares = plan.tensors["kvcompress.head_keep"][layer].double()
+    keep_tensor = plan.tensors.get("pyramidinfer.layer_keep")
+    if keep_tensor is None:
+        keep_tensor = plan.tensors["kvcompress.layer_keep"]
+    keep = float(keep_tensor[layer])
+    return tuple(float(min(1.0, s)) for s in (shares * shares.numel() * keep).tolist())
+
+
+def configure(plan, layers: list[LayerPlan], config) -> None:
+    """Give every full-attention layer whose heads get different shares its per-head budgets (a layer with equal
+    shares in a plan with PyramidInfer stays a PyramidInfer layer; sliding-window layers keep their window)."""
+    args = METHOD.read_params(plan.params.get("kvcompress", {}))
+    shares = plan.tensors["kvcompress.head_keep"]
+    with_pyramid = "pyramidinfer.layer_keep" in plan.tensors
+    for layer in layers:
+        if layer.kind != "full_attention":
+            continue
+        row = shares[layer.index]
+        if with_pyramid and float(row.max() - row.min()) <= 1e-6:
+            continue
+        fractions = head_fractions(plan, layer.index)
+        if min(fractions) >= 1.0:
+            layer.selection = None
+            continue
+        layer.selection = HeadParams(fractions=fractions, **args)
 
 
 METHOD = MethodSpec(
     name="kvcompress",
-    description="KV-Compress: each KV head gets its own share of the layer's token budget",
+    description="KV-Compress: each KV head keeps its own calibrated share of the layer's token budget (ragged "
+    "per-head storage, squared-attention scores)",
     tensors=(
         TensorSpec("kvcompress.head_keep", torch.float32, ("L", "H_kv"), _check_head_keep,
-                   "per-KV-head share of the layer budget"),
+                   "per-KV-head share of the layer budget (rows sum to 1)"),
+        TensorSpec("kvcompress.layer_keep", torch.float32, ("L",), _check_layer_keep,
+                   "per-layer keep fraction when the plan has no PyramidInfer", required=False),
+        TensorSpec("kvcompress.captured_curve", torch.float32, ("L", "H_kv", "*"), _check_curve,
+                   "calibration: attention mass a head's future queries find at keep fractions 0..1 (grid)",
+                   required=False),
+        TensorSpec("kvcompress.captured_mass", torch.float32, ("L", "H_kv"), _check_mass,
+                   "calibration: attention mass each head captures at its chosen fraction", required=False),
     ),
-    configure=None,  # not applicable by this runtime yet: apply_plan refuses such plans
-    calibration_step=None,
+    params=(
+        ParamSpec("window", "int", 32, "recent tokens every head keeps; also the number of last prefill queries that "
+                  "score the context", minimum=1, in_plan="always"),
+        ParamSpec("sink", "int", 4, "first tokens every head keeps (attention sinks)", minimum=0, in_plan="always"),
+        ParamSpec("pool", "int", 7, "max-pooling width of the prefill scores along the sequence (1 = none)",
+                  minimum=1),
+        ParamSpec("metric", "str", "l2", "score of a token: squared (l2) or plain (l1) attention probabilities",
+                  choices=("l2", "l1")),
+        ParamSpec("block", "int", 16, "tokens per storage block of one (row, KV head)", minimum=1, maximum=4096),
+        ParamSpec("slack", "int", 16, "decode tokens held densely before they are merged into the blocks and "
+                  "heads over budget evict", minimum=1, maximum=4096),
+        ParamSpec("horizon", "int", 64, "calibration: queries after each cut point whose attention measures what a "
+                  "head's budget captures", minimum=1, stage="calibration"),
+        ParamSpec("probes", "int", 16, "calibration: built-in retrieval probes (a key-value fact in the calibration "
+                  "text, asked for at the end)", minimum=0, stage="calibration"),
+        ParamSpec("probe_weight", "float", 1.0, "calibration: weight of the retrieval probes' curves against the "
+                  "text's", minimum=0.0, stage="calibration"),
+    ),
+    configure=configure,
+    calibration_step="calibrate.kvcompress:calibration_step",
     calibration_order=2,
     card_column=("head keep (min–max)", "kvcompress.head_keep", lambda row: f"{min(row):.3f}–{max(row):.3f}"),
 )
 
-__all__ = ["METHOD"]
+__all__ = ["HeadParams", "METHOD", "RaggedLayer", "RaggedStorage", "head_fractions", "kvc_scores", "ragged_attend"]

@@ -46,8 +46,7 @@ class SharedLayer(DynamicLayer, PlanLayer):
                 f"kvplan: a sharing layer ran before its source layer {self.source_idx} cached anything; "
                 "the sharing map must point at earlier layers"
             )
-        held = self.source.held()
-        return held.keys, held.values
+        return self.source.current_kv()
 
     # ----- the plan-layer interface: everything is the source's ----------------------------------------------
     def attention(self, query, mask, scaling, exact):

@@ -57,7 +57,8 @@ class LayerPlan:
         kind: ``full_attention`` or ``sliding_attention`` (from the model config).
         source: the layer whose cache this layer reads (its own index when it owns its cache; KVSharer).
         readers: how many later layers read this layer's cache.
-        selection: the token budget of the layer's own cache (PyramidInfer's ``PyramidParams``), or None when it
+        selection: the token budget of the layer's own cache (PyramidInfer's ``PyramidParams``, KV-Compress's
+            ``HeadParams``: anything with ``make_layer(readers)`` and ``theoretical_tokens(seen)``), or None when it
             keeps everything it sees. Ignored for a sharing layer (its source's selection applies).
     """
 
@@ -98,6 +99,12 @@ class PlanLayer:
 
     def held(self) -> Held:
         raise NotImplementedError
+
+    def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``update`` hands back to the model for a sharing layer reading this cache (kvplan's attention reads
+        the layer itself; default: the held K/V)."""
+        held = self.held()
+        return held.keys, held.values
 
     def physical_bytes(self, by_device: bool = False) -> int | dict[str, int]:
         raise NotImplementedError

@@ -61,6 +61,13 @@ class PyramidParams:
         floor = torch.clamp(seen, max=self.sink + self.window)
         return torch.minimum(torch.maximum(want, floor), seen)
 
+    def theoretical_tokens(self, seen: int) -> float:
+        """Tokens held per KV head after ``seen`` real tokens (for memory accounting)."""
+        return float(theoretical_kept(seen, self))
+
+    def make_layer(self, readers: int = 0) -> "BudgetedLayer":
+        return BudgetedLayer(self, readers=readers)
+
     def slack_for(self, budget):
         """Tokens allowed above ``budget`` (an int, or an int64 tensor of per-row budgets) before compacting."""
         if isinstance(budget, torch.Tensor):

@@ -41,3 +41,28 @@ def share_plan(model, sources, keep=None, window: int = 8, sink: int = 2) -> Pla
         tensors=tensors,
         target_ratio=owners / layers * (1.0 if keep is None else float(keep)),
     )
+
+
+def kvcompress_plan(model, keep, shares, window: int = 8, sink: int = 2, with_pyramid: bool = True, **extra) -> Plan:
+    """A KV-Compress plan: per-layer keep ``keep`` (PyramidInfer's tensor, or KV-Compress's own without it) and
+    per-head shares ``shares`` ``[L, H_kv]`` (rows normalised to sum to 1)."""
+    layers = model.config.num_hidden_layers
+    keep = torch.as_tensor(keep, dtype=torch.float32).expand(layers).clone()
+    shares = torch.as_tensor(shares, dtype=torch.float32).expand(layers, -1).clone()
+    shares = shares / shares.sum(dim=1, keepdim=True)
+    params = {"kvcompress": {"window": window, "sink": sink, **extra}}
+    tensors = {"kvcompress.head_keep": shares}
+    if with_pyramid:
+        methods: tuple[str, ...] = ("pyramidinfer", "kvcompress")
+        params["pyramidinfer"] = {"window": window, "sink": sink}
+        tensors["pyramidinfer.layer_keep"] = keep
+    else:
+        methods = ("kvcompress",)
+        tensors["kvcompress.layer_keep"] = keep
+    return Plan(
+        fingerprint=fingerprint_from_model(model),
+        methods=methods,
+        params=params,
+        tensors=tensors,
+        target_ratio=float(keep.mean()),
+    )

@@ -21,11 +21,12 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_config
-from helpers import pyramid_plan, share_plan
+from helpers import kvcompress_plan, pyramid_plan, share_plan
 
 import runtime
 import runtime.attention
 from runtime.cache import cache_argument
+from runtime.kvcompress import RaggedLayer
 from runtime.kvsharer import SharedLayer
 from runtime.pyramidinfer import BudgetedLayer
 
@@ -34,8 +35,8 @@ from runtime.pyramidinfer import BudgetedLayer
 # change of the layers' internal layout only needs this block updated.
 # =====================================================================================================================
 
-STEERED_KINDS = (BudgetedLayer,)  # layer kinds whose attention kvplan steers (a SharedLayer counts through its source)
-RECORDED_KINDS = (BudgetedLayer,)  # layer kinds whose ``update`` is wrapped to record every key/value they receive
+STEERED_KINDS = (BudgetedLayer, RaggedLayer)  # layer kinds whose attention kvplan steers (a SharedLayer counts through its source)
+RECORDED_KINDS = (BudgetedLayer, RaggedLayer)  # layer kinds whose ``update`` is wrapped to record every key/value they receive
 
 
 def owner(layer):
@@ -361,3 +362,104 @@ def test_a_chunk_after_compaction_attends_exactly(monkeypatch):
             if step > 0:
                 holds = _held_mask(call["positions"], call["valid"], keys.shape[1], keys.shape[2])
                 assert int(holds.sum()) < holds.numel(), "nothing evicted: the check would be vacuous"
+
+
+# ----- KV-Compress: per-head budgets in ragged storage ------------------------------------------------------------
+
+HEAD_SHARES = [[6.0, 1.0], [1.0, 3.0], [1.0, 1.0], [5.0, 2.0], [2.0, 7.0], [1.0, 4.0]]  # per layer, per KV head
+
+
+def _head_keeps(keeps: list[float], shares) -> list[list[float]]:
+    """The documented per-head fractions ``min(1, share * H_kv * keep)``."""
+    out = []
+    for keep, row in zip(keeps, shares):
+        total = sum(row)
+        out.append([min(1.0, s / total * len(row) * keep) for s in row])
+    return out
+
+
+def _check_head_budgets(facts: dict, head_keeps, width: int, n_kv: int, slack: int, owners=None) -> None:
+    """Each (row, KV head) holds between its own budget and budget + slack (decode tokens wait in the tail), its
+    sinks and its recent window included; heads of one layer hold different counts."""
+    for layer, keeps in enumerate(head_keeps):
+        if owners is not None and layer not in owners:
+            continue
+        for step, call in enumerate(facts[layer]["calls"][1:], start=1):
+            total = width + step
+            holds = _held_mask(call["positions"], call["valid"], n_kv, total)
+            for row, n in enumerate(LENGTHS):
+                real = n + step
+                count = holds[row].sum(dim=-1)
+                for head, keep in enumerate(keeps):
+                    budget = _budget(keep, real)
+                    assert budget <= int(count[head]) <= budget + slack, (
+                        f"layer {layer} step {step} row {row} head {head}: holds {int(count[head])}, budget {budget}"
+                    )
+                first = width - n
+                assert bool(holds[row, :, first : first + SINK].all()), f"layer {layer} row {row}: a sink was evicted"
+                assert bool(holds[row, :, total - WINDOW :].all()), f"layer {layer} row {row}: recent window evicted"
+
+
+@pytest.mark.parametrize("with_pyramid", [True, False], ids=["with_pyramidinfer", "kvcompress_alone"])
+def test_ragged_heads_attend_exactly_what_they_hold(monkeypatch, with_pyramid):
+    model = _model(seed=4)
+    block, slack = 4, 3
+    plan = kvcompress_plan(model, KEEP, HEAD_SHARES, window=WINDOW, sink=SINK, with_pyramid=with_pyramid,
+                           block=block, slack=slack)
+    ids, mask = _left_padded(LENGTHS, seed=9)
+    recorder, full_mask_2d = _generate(model, plan, ids, mask, monkeypatch)
+    facts = _check_calls(recorder, full_mask_2d, len(KEEP))
+    ragged = [layer for layer, row in enumerate(HEAD_SHARES) if row[0] != row[1] or not with_pyramid]
+    for layer in ragged:
+        assert facts[layer]["evictions"] >= 2 * len(LENGTHS), f"layer {layer}: no eviction while decoding"
+        assert facts[layer]["masked_effect"] > 1e-3
+    head_keeps = _head_keeps(KEEP, HEAD_SHARES)
+    if with_pyramid:  # the layer with equal shares is a PyramidInfer layer (checked by the pyramid tests)
+        head_keeps = [k if layer in ragged else [1.0, 1.0] for layer, k in enumerate(head_keeps)]
+    _check_head_budgets(facts, head_keeps, ids.shape[1], model.config.num_key_value_heads, slack,
+                        owners=set(ragged))
+
+
+def test_sharing_layers_attend_exactly_what_their_ragged_source_holds(monkeypatch):
+    model = _model(seed=5)
+    sources = [0, 1, 1, 3, 3, 3]
+    plan = kvcompress_plan(model, 0.3, HEAD_SHARES, window=WINDOW, sink=SINK, block=4, slack=3)
+    plan = dataclasses.replace(
+        plan, methods=("pyramidinfer", "kvsharer", "kvcompress"),
+        tensors={**plan.tensors, "kvsharer.share_source": torch.tensor(sources, dtype=torch.int32)},
+    )
+    ids, mask = _left_padded(LENGTHS, seed=13)
+    recorder, full_mask_2d = _generate(model, plan, ids, mask, monkeypatch)
+    facts = _check_calls(recorder, full_mask_2d, len(sources))
+    for layer, source in enumerate(sources):
+        calls = facts[layer]["calls"]
+        assert all(c["shared"] == (source != layer) for c in calls)
+        if source != layer:
+            for mine, theirs in zip(calls, facts[source]["calls"]):
+                assert torch.equal(mine["positions"], theirs["positions"])
+        assert facts[layer]["evictions"] >= 2 * len(LENGTHS)
+    head_keeps = _head_keeps([0.3] * len(sources), HEAD_SHARES)
+    _check_head_budgets(facts, head_keeps, ids.shape[1], model.config.num_key_value_heads, 3, owners=set(sources))
+
+
+def test_a_chunk_after_ragged_compaction_attends_exactly(monkeypatch):
+    model = _model(seed=6)
+    plan = kvcompress_plan(model, KEEP, HEAD_SHARES, window=WINDOW, sink=SINK, block=4, slack=3)
+    ids, mask = _left_padded(LENGTHS, seed=5)
+    recorder = Recorder()
+    recorder.install(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randint(3, 128, (len(LENGTHS), q), generator=g) for q in (7, 1, 5, 1)]
+    cache = transformers.DynamicCache(config=model.config)
+    full_mask_2d = mask
+    with runtime.apply_plan(model, plan), torch.inference_mode():
+        model(ids, attention_mask=mask, use_cache=True, **{cache_argument(model): cache})
+        for chunk in chunks:
+            full_mask_2d = torch.cat([full_mask_2d, torch.ones_like(chunk)], dim=1)
+            model(chunk, attention_mask=full_mask_2d, use_cache=True, **{cache_argument(model): cache})
+    for layer in range(len(KEEP)):
+        for step, call in enumerate(recorder.steps(layer)):
+            keys, values = recorder.full_kv(call)
+            real_q = _real_queries(call, full_mask_2d, keys.shape[2])
+            diff = (call["out"] - _reference(call, keys, values)).abs()[real_q]
+            assert float(diff.max()) <= ATOL, f"layer {layer} step {step}: {float(diff.max()):.3g}"

@@ -47,7 +47,7 @@ def full_plan(**overrides: Any) -> Plan:
     fields: dict[str, Any] = dict(
         fingerprint=fingerprint_from_model(llama_config()),
         methods=METHODS,
-        params={"pyramidinfer": {"window": 8, "sink": 2, "slack": 4}},
+        params={"pyramidinfer": {"window": 8, "sink": 2, "slack": 4}, "kvcompress": {"window": 8, "sink": 2}},
         tensors={
             "pyramidinfer.layer_keep": torch.tensor([1.0, 0.75, 0.5, 0.25]),
             "kvsharer.share_source": torch.tensor([0, 0, 2, 2], dtype=torch.int32),
@@ -215,7 +215,8 @@ INVALID_PLANS: dict[str, tuple[Callable[[], Plan], str]] = {
     "missing required tensor": (lambda: with_tensor("kcache.topn", None), "no kcache.topn tensor"),
     "tensor of disabled method": (
         lambda: full_plan(
-            methods=("pyramidinfer", "kvsharer", "kvcompress"), params={"pyramidinfer": {"window": 1, "sink": 0}}
+            methods=("pyramidinfer", "kvsharer", "kvcompress"),
+            params={"pyramidinfer": {"window": 1, "sink": 0}, "kvcompress": {"window": 1, "sink": 0}},
         ),
         "kcache is not enabled",
     ),
@@ -241,8 +242,20 @@ INVALID_PLANS: dict[str, tuple[Callable[[], Plan], str]] = {
     "head_keep shape": (lambda: with_tensor("kvcompress.head_keep", torch.ones(L, H)), r"shape \[4, 2\]"),
     "head_keep negative": (lambda: with_tensor("kvcompress.head_keep", -torch.ones(L, H_KV)), ">= 0"),
     "head_keep zero row": (
-        lambda: with_tensor("kvcompress.head_keep", torch.tensor([[1.0, 1], [0, 0], [1, 1], [1, 1]])),
-        "sum to > 0",
+        lambda: with_tensor("kvcompress.head_keep", torch.tensor([[0.5, 0.5], [0, 0], [0.5, 0.5], [0.5, 0.5]])),
+        "must sum to 1",
+    ),
+    "head_keep shares not adding up": (
+        lambda: with_tensor("kvcompress.head_keep", torch.tensor([[0.5, 0.5], [0.7, 0.2], [0.5, 0.5], [0.5, 0.5]])),
+        r"layer 1 sums to 0\.9",
+    ),
+    "head_keep above 1": (
+        lambda: with_tensor("kvcompress.head_keep", torch.tensor([[1.5, -0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])),
+        r"\[0, 1\]",
+    ),
+    "head_keep nan": (lambda: with_tensor("kvcompress.head_keep", torch.full((L, H_KV), math.nan)), "NaN|finite"),
+    "kvcompress layer_keep next to pyramidinfer's": (
+        lambda: with_tensor("kvcompress.layer_keep", torch.full((L,), 0.5)), "next to pyramidinfer.layer_keep"
     ),
     "head_keep inf": (lambda: with_tensor("kvcompress.head_keep", torch.full((L, H_KV), math.inf)), "infinite"),
     "topn negative": (lambda: with_tensor("kcache.topn", torch.tensor([0, -1, 0, 0], dtype=_I32)), ">= 0"),

@@ -32,7 +32,7 @@ def _valid_plan() -> Plan:
     return Plan(
         fingerprint=fingerprint_from_model(config),
         methods=METHODS,
-        params={"pyramidinfer": {"window": 8, "sink": 2}},
+        params={"pyramidinfer": {"window": 8, "sink": 2}, "kvcompress": {"window": 8, "sink": 2}},
         tensors={
             "pyramidinfer.layer_keep": torch.tensor([1.0, 0.75, 0.5, 0.25]),
             "kvsharer.share_source": torch.tensor([0, 0, 2, 2], dtype=torch.int32),
@@ -310,7 +310,9 @@ def test_head_keep_values(values: list[float]) -> None:
     array = np.array(values, dtype="<f4").reshape(L, H_KV)
     plan = load_or_error(with_tensors({"kvcompress.head_keep": ("F32", array)}))
     with np.errstate(all="ignore"):
-        ok = bool(np.isfinite(array).all() and (array >= 0).all() and (array.sum(axis=1) > 0).all())
+        sums = array.astype("f8").sum(axis=1)
+        ok = bool(np.isfinite(array).all() and (array >= 0).all() and (array <= 1).all()
+                  and (np.abs(sums - 1) <= 1e-3).all())
     assert (plan is not None) == ok
 
 
@@ -348,4 +350,21 @@ def test_extra_tensors(name: str, tag: str, shape: tuple[int, ...], fill: float)
         and tag in ("F32", "I32")
         and (tag == "I32" or array.size == 0 or math.isfinite(float(np.float32(fill))))
     )
+    assert (plan is not None) == ok
+
+
+@FUZZ
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=L * H_KV, max_size=L * H_KV),
+    st.sampled_from([0.0, 1e-5, 5e-4, 2e-3, 0.1]),
+)
+def test_head_keep_shares_near_one(values: list[float], shift: float) -> None:
+    """Rows normalised to sum to 1, one entry moved by ``shift``: accepted exactly while every row sums to 1 within
+    1e-3 and every share stays in [0, 1]."""
+    array = np.array(values, dtype="<f8").reshape(L, H_KV) + 1e-3
+    array = (array / array.sum(axis=1, keepdims=True)).astype("<f4")
+    array[0, 0] += np.float32(shift)
+    plan = load_or_error(with_tensors({"kvcompress.head_keep": ("F32", array)}))
+    sums = array.astype("f8").sum(axis=1)
+    ok = bool((array >= 0).all() and (array <= 1).all() and (np.abs(sums - 1) <= 1e-3).all())
     assert (plan is not None) == ok

@@ -31,8 +31,8 @@ def test_every_method_is_registered_once_with_its_runtime_tensor():
     assert registry.METHODS == ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
     names = {spec.required_tensor.name for spec in registry.specs()}
     assert names == {"pyramidinfer.layer_keep", "kvsharer.share_source", "kvcompress.head_keep", "kcache.topn"}
-    assert registry.runtime_supported() == ("pyramidinfer", "kvsharer")
-    assert registry.calibration_supported() == ("pyramidinfer", "kvsharer")
+    assert registry.runtime_supported() == ("pyramidinfer", "kvsharer", "kvcompress")
+    assert registry.calibration_supported() == ("pyramidinfer", "kvsharer", "kvcompress")
     head_keep = registry.get("kvcompress").required_tensor
     assert head_keep.dtype == torch.float32 and head_keep.shape == ("L", "H_kv")
     topn = registry.get("kcache").required_tensor
@@ -55,7 +55,6 @@ def test_defaults_come_from_the_registration():
 
 
 @pytest.mark.parametrize("method,tensor", [
-    ("kvcompress", torch.full((4, 2), 0.5)),
     ("kcache", torch.full((4,), 8, dtype=torch.int32)),
 ])
 def test_a_plan_enabling_a_method_the_runtime_cannot_apply_is_refused_whole(model, method, tensor):
@@ -163,7 +162,8 @@ def test_model_card_and_help_come_from_the_registry(model):
         assert spec.description in card and spec.card_column[0] in card
     assert registry.get("kcache").description not in card
     lines = registry.help_lines()
-    assert any(line.startswith("kvcompress [not implemented yet]") for line in lines)
+    assert any(line.startswith("kcache [not implemented yet]") for line in lines)
+    assert any(line.startswith("kvcompress: ") for line in lines)
 
 
 def test_weights_digest_identifies_the_weights_not_the_name(model):
