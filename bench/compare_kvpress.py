@@ -256,9 +256,12 @@ def render_summary(rows: list[dict], args, env: dict) -> str:
         f"distributions over the {args.continuation} continuation positions, perplexity ratio method/full.",
         f"- **passkey**: context {args.context}, depths {', '.join(f'{d:g}' for d in args.depths)} x {args.trials} "
         f"trial(s) = {n_cases} case(s), greedy {args.answer_tokens} tokens, exact match; retention = hits among the "
-        f"cases the full cache solves. **Retrieval protocol: the context is compressed before the question is seen "
-        f"(harness default, kvpress's own pipeline protocol); the question and the answer are then fed uncompressed "
-        f"for kvpress, while kvplan plans keep compacting while decoding.**",
+        f"cases the full cache solves. **Retrieval protocol: "
+        + ("the question is in the prefill (context and question compressed together, as generate(prompt) does)."
+           if args.question_in_prefill else
+           "the context is compressed before the question is seen (harness default, kvpress's own pipeline "
+           "protocol); the question and the answer are then fed uncompressed for kvpress, while kvplan plans keep "
+           "compacting while decoding.") + "**",
         f"- **Memory**: physical bytes of the cache after the first lm batch ({batch} rows x "
         f"{args.context + args.continuation - 1} tokens seen), `runtime.physical_bytes` (keys + values of stock "
         f"layers; everything a kvplan layer holds, bookkeeping included); phys/stock = divided by a stock cache "
@@ -312,6 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=1, help="passkey trials per depth (default: %(default)s)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                    help="passkey depths (default: %(default)s)")
+    p.add_argument("--question-in-prefill", action="store_true",
+                   help="retrieval: prefill context and question together (generate(prompt)); default: the context "
+                   "is compressed before the question is seen (kvpress's protocol)")
     p.add_argument("--answer-tokens", type=int, default=10, help="greedy answer tokens (default: %(default)s)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="evaluation text (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = EvalSettings(
         contexts=[args.context], tasks=args.task_names, docs=args.docs, continuation=args.continuation,
         batch_size=args.batch_size, depths=list(args.depths), trials=args.trials, answer_tokens=args.answer_tokens,
-        seed=args.seed, question_in_prefill=False,
+        seed=args.seed, question_in_prefill=args.question_in_prefill,
     )
     report = evaluate(model, tokenizer, methods, str(args.data), settings)
     rows = summarize(report, recorder, kinds, model, args)

@@ -81,6 +81,10 @@ def _expected_attention(compression_ratio: float):
     return _kvpress().ExpectedAttentionPress(compression_ratio=compression_ratio)
 
 
+def _tova(compression_ratio: float):
+    return _kvpress().TOVAPress(compression_ratio=compression_ratio)
+
+
 # name -> constructor taking kvpress's compression_ratio (fraction REMOVED); use press_for() with a keep ratio.
 # Every press uses kvpress's default parameters (SnapKV/PyramidKV window 64 and kernel 5, PyramidKV beta 20,
 # StreamingLLM and ExpectedAttention 4 sinks, AdaKV alpha_safeguard 0.2).
@@ -92,6 +96,7 @@ PRESSES: dict[str, Callable[[float], Any]] = {
     "knorm": _knorm,
     "keydiff": _keydiff,
     "expected-attention": _expected_attention,
+    "tova": _tova,
 }
 
 

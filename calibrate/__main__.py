@@ -233,6 +233,12 @@ def _print_summary(plan, result, out: Path) -> None:
             f"{kvs['search_seconds']:.1f} s; {last}",
             file=err,
         )
+    kvc = result.report.get("kvcompress")
+    if kvc:
+        from .kvcompress import budget_table
+
+        for line in budget_table(kvc):
+            print(line, file=err)
     split = result.report.get("split")
     if split:
         print("joint split (shared layers / owners' mean keep / KL / top-1):", file=err)

@@ -103,7 +103,7 @@ def kvc_scores(
     key_valid: torch.Tensor,
     scaling: float,
     window: int,
-    pool: int = 7,
+    pool: int = 1,
     metric: str = "l2",
 ) -> torch.Tensor:
     """KV-Compress's prefill metric: the squared attention of the last ``window`` queries, per KV head.
@@ -301,7 +301,7 @@ class RaggedLayer(DynamicLayer, PlanLayer):
 
     The first forward (the prefill) attends exactly over everything (transformers' SDPA), then each (row, head)
     keeps its ``budget`` best tokens by :func:`kvc_scores`. Later tokens wait in a dense tail ``[B, H_kv, n, d]``
-    (a buffer of ``slack`` tokens allocated at the first decode step; attention covers body and tail exactly) and
+    (attention covers body and tail exactly) and
     are merged into the blocks every ``slack`` tokens, when each head over its budget evicts its lowest-scored
     tokens (sinks and the recent window protected). Decisions are per (row, head) from that row's own counts and
     scores, and the merge happens at the same step for every row, so a row of a padded batch evolves exactly as it
@@ -338,22 +338,12 @@ class RaggedLayer(DynamicLayer, PlanLayer):
         return self._tail_s[:, :, : self.n_tail]
 
     def _tail_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        bsz, n_kv, q_len, dim = key_states.shape
-        need = self.n_tail + q_len
-        if self._tail_k is None or need > self._tail_k.shape[2]:
-            capacity = max(need, self.params.slack)
-            new_k = key_states.new_zeros(bsz, n_kv, capacity, dim)
-            new_v = value_states.new_zeros(bsz, n_kv, capacity, dim)
-            new_s = torch.zeros(bsz, n_kv, capacity, dtype=torch.float32, device=key_states.device)
-            if self.n_tail:
-                new_k[:, :, : self.n_tail] = self.tail_keys
-                new_v[:, :, : self.n_tail] = self.tail_values
-                new_s[:, :, : self.n_tail] = self.tail_scores
-            self._tail_k, self._tail_v, self._tail_s = new_k, new_v, new_s
-        self._tail_k[:, :, self.n_tail : need] = key_states
-        self._tail_v[:, :, self.n_tail : need] = value_states
-        self._tail_s[:, :, self.n_tail : need] = 0.0  # real until the forward's mask says otherwise (_finish_step)
-        self.n_tail = need
+        """Append a chunk to the tail (it holds exactly its tokens: at most ``slack`` after a merge)."""
+        self._tail_k = torch.cat([self.tail_keys, key_states], dim=-2)
+        self._tail_v = torch.cat([self.tail_values, value_states], dim=-2)
+        # new tokens are real until the forward's mask says otherwise (_finish_step)
+        self._tail_s = torch.cat([self.tail_scores, self._tail_s.new_zeros(key_states.shape[:3])], dim=-1)
+        self.n_tail = self._tail_k.shape[2]
 
     # ----- transformers' layer protocol -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args) -> None:
@@ -626,7 +616,7 @@ class RaggedLayer(DynamicLayer, PlanLayer):
         self.body.pack(b * n_kv + h, keys[b, h, t], values[b, h, t], t, kept_scores, bsz * n_kv)
         self.n_tail = 0
         self.tail_start = self.seen
-        self._tail_k = keys.new_zeros(bsz, n_kv, 0, dim)  # the tail buffer is allocated at the first decode step
+        self._tail_k = keys.new_zeros(bsz, n_kv, 0, dim)
         self._tail_v = values.new_zeros(bsz, n_kv, 0, dim)
         self._tail_s = torch.zeros(bsz, n_kv, 0, dtype=torch.float32, device=keys.device)
         self.compressed = True
@@ -650,6 +640,7 @@ class RaggedLayer(DynamicLayer, PlanLayer):
         self.body.pack(seg, keys, values, pos, score, segs)
         self.n_tail = 0
         self.tail_start = self.seen
+        self._tail_k, self._tail_v, self._tail_s = self.tail_keys, self.tail_values, self.tail_scores  # empty
 
 
 def _key_valid(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
@@ -751,19 +742,22 @@ METHOD = MethodSpec(
         ParamSpec("window", "int", 32, "recent tokens every head keeps; also the number of last prefill queries that "
                   "score the context", minimum=1, in_plan="always"),
         ParamSpec("sink", "int", 4, "first tokens every head keeps (attention sinks)", minimum=0, in_plan="always"),
-        ParamSpec("pool", "int", 7, "max-pooling width of the prefill scores along the sequence (1 = none)",
-                  minimum=1),
+        ParamSpec("pool", "int", 1, "max-pooling width of the prefill scores along the sequence (1 = none; "
+                  "KV-Compress's paper uses 7)", minimum=1),
         ParamSpec("metric", "str", "l2", "score of a token: squared (l2) or plain (l1) attention probabilities",
                   choices=("l2", "l1")),
-        ParamSpec("block", "int", 16, "tokens per storage block of one (row, KV head)", minimum=1, maximum=4096),
-        ParamSpec("slack", "int", 16, "decode tokens held densely before they are merged into the blocks and "
+        ParamSpec("block", "int", 8, "tokens per storage block of one (row, KV head)", minimum=1, maximum=4096),
+        ParamSpec("slack", "int", 8, "decode tokens held densely before they are merged into the blocks and "
                   "heads over budget evict", minimum=1, maximum=4096),
         ParamSpec("horizon", "int", 64, "calibration: queries after each cut point whose attention measures what a "
                   "head's budget captures", minimum=1, stage="calibration"),
         ParamSpec("probes", "int", 16, "calibration: built-in retrieval probes (a key-value fact in the calibration "
                   "text, asked for at the end)", minimum=0, stage="calibration"),
-        ParamSpec("probe_weight", "float", 1.0, "calibration: weight of the retrieval probes' curves against the "
+        ParamSpec("probe_weight", "float", 16.0, "calibration: weight of the retrieval probes' curves against the "
                   "text's", minimum=0.0, stage="calibration"),
+        ParamSpec("allocation", "str", "retrieval", "calibration: 'retrieval' (heads the greedy gives the whole "
+                  "context keep it, the others share the rest evenly) or 'greedy' (every head's fraction from the "
+                  "greedy)", choices=("retrieval", "greedy"), stage="calibration"),
     ),
     configure=configure,
     calibration_step="calibrate.kvcompress:calibration_step",
