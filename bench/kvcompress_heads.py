@@ -65,10 +65,12 @@ def heatmap(plans: list[tuple[str, runtime.Plan]], out: Path) -> None:
         image = ax.imshow(f.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         full = (f >= 1.0).nonzero()
         ax.scatter(full[:, 1].numpy(), full[:, 0].numpy(), s=14, c="white", marker="o", label="whole context")
-        ax.set_title(f"{name}\n(ratio {plan.target_ratio})", fontsize=8)
+        full_count = int((f >= 1.0).sum())
+        ax.set_title(f"ratio {plan.target_ratio}\n{full_count} whole-context heads", fontsize=9)
         ax.set_xlabel("KV head")
         ax.set_xticks(range(f.shape[1]))
         ax.set_ylabel("layer")
+    fig.suptitle("KV-Compress per-head kept fraction (white dot: whole context)", fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), label="kept fraction of the context")
     fig.savefig(out, dpi=120, bbox_inches="tight")
 

@@ -695,13 +695,14 @@ def _check_mass(values: torch.Tensor, context: TensorContext) -> str | None:
 
 
 def head_fractions(plan, layer: int) -> tuple[float, ...]:
-    """``f_lh`` of every KV head of ``layer``: ``min(1, head_keep[l, h] * H_kv * layer_keep[l])``."""
+    """``f_lh`` of every KV head of ``layer``: ``min(1, head_keep[l, h] * H_kv * layer_keep[l])`` (1 within 1e-5)."""
     shares = plan.tensors["kvcompress.head_keep"][layer].double()
     keep_tensor = plan.tensors.get("pyramidinfer.layer_keep")
     if keep_tensor is None:
         keep_tensor = plan.tensors["kvcompress.layer_keep"]
     keep = float(keep_tensor[layer])
-    return tuple(float(min(1.0, s)) for s in (shares * shares.numel() * keep).tolist())
+    # float32 shares round-trip: a fraction within 1e-5 of 1 is the whole context
+    return tuple(1.0 if s >= 1.0 - 1e-5 else float(s) for s in (shares * shares.numel() * keep).tolist())
 
 
 def configure(plan, layers: list[LayerPlan], config) -> None:

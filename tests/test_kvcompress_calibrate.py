@@ -281,3 +281,23 @@ def test_bad_parameters_are_refused_clearly(tokenizer, model):
     )
     with pytest.raises(CalibrationError, match="horizon"):
         kvc.calibration_step(ctx)
+
+
+def test_probe_credit_is_all_or_nothing_and_retrieval_heads_keep_everything():
+    """A head whose probe curve reaches a needle share earns it only at f = 1; with enough weight the greedy gives it
+    the whole context, and the retrieval split shares what is left evenly over the other heads."""
+    grid = kvc.GRID
+    probe = torch.zeros(2, 2, grid + 1, dtype=torch.float64)
+    probe[0, 1] = torch.linspace(0, 0.4, grid + 1, dtype=torch.float64)  # a head that fetches the needle
+    credit = kvc.whole_context_credit(probe)
+    assert float(credit[0, 1, :-1].abs().max()) == 0.0 and float(credit[0, 1, -1]) == pytest.approx(0.4)
+    text = torch.linspace(0, 1, grid + 1, dtype=torch.float64).sqrt().expand(2, 2, -1).clone()  # concave text curves
+    curves = kvc.combine_curves(text, credit, 16.0)
+    f = kvc.allocate_head_keep(curves, [True, True], 0.4, 0.05)
+    assert float(f[0, 1]) == 1.0
+    split = kvc.retrieval_split(f, [True, True], 0.4, 0.05)
+    assert float(split[0, 1]) == 1.0
+    others = split.flatten()[[0, 2, 3]]
+    assert torch.allclose(others, torch.full((3,), (0.4 * 4 - 1.0) / 3))
+    assert float(split.mean()) == pytest.approx(0.4)
+    assert float(kvc.retrieval_split(f, [True, True], 0.1, 0.05).min()) == pytest.approx(0.05)  # never below floor

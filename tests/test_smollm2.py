@@ -192,3 +192,44 @@ def test_kvsharer_cli_and_runtime_on_smollm2(smollm2, tmp_path):
         assert calls == []
         seen = out_ids.shape[1] - 1
         assert runtime.physical_bytes(cache) == runtime.stock_bytes(model.config, seen) * (30 - len(shared)) // 30
+
+
+def test_kvcompress_plan_on_smollm2_heads_hold_their_budgets_and_rows_equal_solo(smollm2):
+    """The shipped KV-Compress 4x plan: ragged layers, whole-context heads hold every token, the others their
+    budget; padded batch rows equal solo runs; physical bytes near the theoretical ones."""
+    from runtime.kvcompress import RaggedLayer, head_fractions
+
+    from pathlib import Path
+
+    model, tokenizer = smollm2
+    plan = runtime.load_plan(Path(__file__).resolve().parent.parent / "artifacts"
+                             / "smollm2-135m-kvcompress-r0.25.safetensors")
+    prompts = [
+        _chat(tokenizer, ESSAY_LIKE * 16 + "What should founders do early?"),
+        _chat(tokenizer, ESSAY_LIKE * 11 + "Name one mistake founders make."),
+    ]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.full((2, width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.shape[1] :] = p[0]
+        mask[row, width - p.shape[1] :] = 1
+    cache = transformers.DynamicCache(config=model.config)
+    with runtime.apply_plan(model, plan):
+        batch = greedy(model, ids, 20, attention_mask=mask, past_key_values=cache)
+        solos = [greedy(model, p, 20) for p in prompts]
+    for row, solo in enumerate(solos):
+        assert torch.equal(batch[row, width:], solo[0, prompts[row].shape[1] :]), f"row {row}"
+    full_heads = 0
+    for index, layer in enumerate(cache.layers):
+        assert isinstance(layer, RaggedLayer)
+        kept = layer.kept_lengths()  # [B, H_kv]
+        for head, fraction in enumerate(head_fractions(plan, index)):
+            if fraction >= 1.0:
+                full_heads += 1
+                for row, p in enumerate(prompts):  # every real token seen, the last generated one excluded
+                    assert int(kept[row, head]) == p.shape[1] + 19
+    assert full_heads >= 5
+    seen = width + 19
+    physical = runtime.physical_bytes(cache)
+    assert physical <= 0.3 * runtime.stock_bytes(model.config, seen, batch_size=2)
