@@ -640,7 +640,10 @@ class RaggedLayer(DynamicLayer, PlanLayer):
         self.body.pack(seg, keys, values, pos, score, segs)
         self.n_tail = 0
         self.tail_start = self.seen
-        self._tail_k, self._tail_v, self._tail_s = self.tail_keys, self.tail_values, self.tail_scores  # empty
+        # fresh empty tensors: a view of the old tail would keep its storage alive
+        self._tail_k = self._tail_k.new_zeros(bsz, n_kv, 0, self._tail_k.shape[-1])
+        self._tail_v = self._tail_v.new_zeros(bsz, n_kv, 0, self._tail_v.shape[-1])
+        self._tail_s = self._tail_s.new_zeros(bsz, n_kv, 0)
 
 
 def _key_valid(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
