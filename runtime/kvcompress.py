@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .layers import Held, LayerPlan, PlanLayer, tensor_bytes
+from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
 NEG_INF = float("-inf")
@@ -296,7 +296,7 @@ def ragged_attend(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class RaggedLayer(DynamicLayer, PlanLayer):
+class RaggedLayer(CompressingLayer, DynamicLayer):
     """Cache layer where every KV head keeps its own budget of tokens (KV-Compress), in :class:`RaggedStorage`.
 
     The first forward (the prefill) attends exactly over everything (transformers' SDPA), then each (row, head)
@@ -371,17 +371,6 @@ class RaggedLayer(DynamicLayer, PlanLayer):
         if self._prefill is not None:
             return self._prefill
         return self.tail_keys, self.tail_values
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length_or_cache_position, *args) -> tuple[int, int]:
-        q_len = (
-            query_length_or_cache_position.shape[0]
-            if isinstance(query_length_or_cache_position, torch.Tensor)
-            else int(query_length_or_cache_position)
-        )
-        return self.seen + q_len, 0
 
     def reset(self) -> None:
         self.body.clear()
@@ -504,26 +493,13 @@ class RaggedLayer(DynamicLayer, PlanLayer):
         return tensor_bytes((*self.body.tensors(), self._tail_k, self._tail_v, self._tail_s, self.real_seen,
                              *prefill), by_device)
 
-    def check_forward(self, layer_idx: int, where: str) -> None:
-        if self._pending is not None:
-            raise RuntimeError(
-                f"kvplan: layer {layer_idx} waited for sharing layers that never attended over its cache in this "
-                f"forward pass ({where}); please report it with the model id"
-            )
-        if self.seen > 0 and not self.compressed:
-            raise RuntimeError(
-                f"kvplan: layer {layer_idx} cached tokens without going through kvplan's attention function; this "
-                f"architecture ({where}) does not pass keyword arguments down to attention, so the plan cannot be "
-                "applied to it. Please report it with the model id."
-            )
-
     # ----- attention --------------------------------------------------------------------------------------------
     def attention(self, query: torch.Tensor, full_mask: torch.Tensor | None, scaling: float, exact) -> torch.Tensor:
         """Output ``[B, Q, H_q, d]`` of ``query`` over what the layer holds, then the scores / compression."""
         if not self.compressed:
             keys, values = self._prefill
             out = exact(keys, values)
-            valid = _key_valid(full_mask, keys.shape[0], keys.shape[2], keys.device)
+            valid = key_valid_from_mask(full_mask, keys.shape[0], keys.shape[2], keys.device)
             self._pending = {"prefill": True, "valid": valid, "votes": [self._prefill_votes(query, valid, scaling)]}
         else:
             q_len = query.shape[2]
@@ -645,12 +621,6 @@ class RaggedLayer(DynamicLayer, PlanLayer):
         self._tail_v = self._tail_v.new_zeros(bsz, n_kv, 0, self._tail_v.shape[-1])
         self._tail_s = self._tail_s.new_zeros(bsz, n_kv, 0)
 
-
-def _key_valid(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
-    """bool ``[B, T]``: keys some query may attend to (padding keys are masked in every row)."""
-    if full_mask is None:
-        return torch.ones(bsz, total, dtype=torch.bool, device=device)
-    return full_mask[:, 0].any(dim=1).expand(bsz, total)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -125,6 +125,47 @@ class PlanLayer:
         """Raise ``RuntimeError`` if the forward that just ended left this layer inconsistent."""
 
 
+class CompressingLayer(PlanLayer):
+    """What every plan layer that drops tokens shares: it reports the tokens it has *seen* (``seen``), so positions
+    and masks stay those of the full sequence, and it checks after each forward that its attention ran through
+    kvplan (``compressed``) and that no sharing layer it waited for is missing (``_pending``)."""
+
+    seen: int = 0
+    compressed: bool = False
+    _pending: dict | None = None
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length_or_cache_position, *args) -> tuple[int, int]:
+        q_len = (
+            query_length_or_cache_position.shape[0]
+            if isinstance(query_length_or_cache_position, torch.Tensor)
+            else int(query_length_or_cache_position)
+        )
+        return self.seen + q_len, 0
+
+    def check_forward(self, layer_idx: int, where: str) -> None:
+        if self._pending is not None:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} waited for sharing layers that never attended over its cache in this "
+                f"forward pass ({where}); please report it with the model id"
+            )
+        if self.seen > 0 and not self.compressed:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} cached tokens without going through kvplan's attention function; this "
+                f"architecture ({where}) does not pass keyword arguments down to attention, so the plan cannot be "
+                "applied to it. Please report it with the model id."
+            )
+
+
+def key_valid_from_mask(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
+    """bool ``[B, T]``: keys some query may attend to (padding keys are masked in every row)."""
+    if full_mask is None:
+        return torch.ones(bsz, total, dtype=torch.bool, device=device)
+    return full_mask[:, 0].any(dim=1).expand(bsz, total)
+
+
 class FullLayer(DynamicLayer, PlanLayer):
     """A layer that keeps everything it sees (exactly transformers' ``DynamicLayer``), exposed through
     :class:`PlanLayer` so that sharing layers can read it. Used for a KVSharer source without a token budget."""
@@ -157,4 +198,4 @@ def layer_bytes(layer, by_device: bool = False) -> int | dict[str, int]:
     return tensor_bytes((getattr(layer, "keys", None), getattr(layer, "values", None)), by_device)
 
 
-__all__ = ["ExactFn", "FullLayer", "Held", "LayerPlan", "PlanLayer", "layer_bytes", "tensor_bytes"]
+__all__ = ["CompressingLayer", "ExactFn", "FullLayer", "key_valid_from_mask", "Held", "LayerPlan", "PlanLayer", "layer_bytes", "tensor_bytes"]

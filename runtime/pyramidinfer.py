@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .layers import Held, LayerPlan, PlanLayer, tensor_bytes
+from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
 NEG_INF = float("-inf")
@@ -233,7 +233,7 @@ class DenseStorage:
         self.keys = self.values = self.positions = self.scores = None
 
 
-class BudgetedLayer(DynamicLayer, PlanLayer):
+class BudgetedLayer(CompressingLayer, DynamicLayer):
     """Cache layer that physically keeps a budget of the tokens it has seen (PyramidInfer).
 
     Storage: :class:`DenseStorage`. Selection: every (row, selection head) keeps ``params.budget(seen)`` of its real
@@ -275,17 +275,6 @@ class BudgetedLayer(DynamicLayer, PlanLayer):
         self.keys, self.values = self.storage.keys, self.storage.values
         self.seen += key_states.shape[-2]
         return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length_or_cache_position, *args) -> tuple[int, int]:
-        q_len = (
-            query_length_or_cache_position.shape[0]
-            if isinstance(query_length_or_cache_position, torch.Tensor)
-            else int(query_length_or_cache_position)
-        )
-        return self.seen + q_len, 0
 
     def reset(self) -> None:
         self.storage.clear()
@@ -338,19 +327,6 @@ class BudgetedLayer(DynamicLayer, PlanLayer):
 
     def physical_bytes(self, by_device: bool = False):
         return tensor_bytes((*self.storage.tensors(), self.real_seen), by_device)
-
-    def check_forward(self, layer_idx: int, where: str) -> None:
-        if self._pending is not None:
-            raise RuntimeError(
-                f"kvplan: layer {layer_idx} waited for sharing layers that never attended over its cache in this "
-                f"forward pass ({where}); please report it with the model id"
-            )
-        if self.seen > 0 and not self.compressed:
-            raise RuntimeError(
-                f"kvplan: layer {layer_idx} cached tokens without going through kvplan's attention function; this "
-                f"architecture ({where}) does not pass keyword arguments down to attention, so the plan cannot be "
-                "applied to it. Please report it with the model id."
-            )
 
     # ----- attention ----------------------------------------------------------------------------------------------
     def attention(
@@ -420,14 +396,14 @@ class BudgetedLayer(DynamicLayer, PlanLayer):
     def _prefill_scores(self, query, full_mask, scaling) -> torch.Tensor:
         """float32 ``[B, H_s, T]`` window scores of ``query`` over every key held (the whole first chunk)."""
         keys = self.storage.keys
-        valid = _key_valid_from_mask(full_mask, query.shape[0], keys.shape[2], query.device)
+        valid = key_valid_from_mask(full_mask, query.shape[0], keys.shape[2], query.device)
         p = self.params
         return window_scores(query, keys, valid, scaling, p.window, p.pool, p.head_reduce, p.per_kv_head)
 
     def _compress_prefill(self, scores: torch.Tensor, full_mask) -> None:
         keys = self.storage.keys
         bsz, total = keys.shape[0], keys.shape[2]
-        valid = _key_valid_from_mask(full_mask, bsz, total, keys.device)[:, None, :]  # [B, 1, T]
+        valid = key_valid_from_mask(full_mask, bsz, total, keys.device)[:, None, :]  # [B, 1, T]
         scores = scores.masked_fill(~valid, NEG_INF)
         rank = valid.long().cumsum(dim=-1)  # 1-based rank of each real token in its row
         scores = scores.masked_fill(valid & (rank <= self.params.sink), POS_INF)
@@ -509,12 +485,6 @@ class BudgetedLayer(DynamicLayer, PlanLayer):
         self.storage.gather(idx, keep.gather(-1, idx))
         self.keys, self.values = self.storage.keys, self.storage.values
 
-
-def _key_valid_from_mask(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
-    """bool ``[B, T]``: keys some query may attend to (padding keys are masked in every row)."""
-    if full_mask is None:
-        return torch.ones(bsz, total, dtype=torch.bool, device=device)
-    return full_mask[:, 0].any(dim=1).expand(bsz, total)
 
 
 def theoretical_kept(seen: int, params: PyramidParams) -> int:
