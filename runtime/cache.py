@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import registry
 from .errors import PlanError
+from .kcache import OffloadedLayer
 from .kvsharer import SharedLayer
 from .layers import FullLayer, LayerPlan, PlanLayer, layer_bytes
 from .plan import Plan
@@ -63,7 +64,9 @@ def _build_layer(spec: LayerPlan, layers: list):
     if not spec.owns_cache:
         return SharedLayer(spec.source, layers[spec.source])
     if spec.selection is not None:
-        return spec.selection.make_layer(readers=spec.readers)
+        return spec.selection.make_layer(readers=spec.readers, topn=spec.topn)
+    if spec.topn > 0:
+        return OffloadedLayer(spec.topn, readers=spec.readers)
     if spec.readers:
         return FullLayer()
     return None

@@ -1,17 +1,346 @@
-"""KCache at run time: values in a second store, top-N value rows read per decode step — the plan schema only, for
-now.
+"""KCache at run time: keys stay with the model, values live in a second store, and each decode step reads only the
+top-N value rows its query attends to most.
 
-``kcache.topn`` int32 ``[L]`` holds the values each layer reads per decode step (0 = all). This runtime cannot apply
-it yet (the value store comes with the KCache issue): the method is registered with no runtime hook, so
-``Plan.load`` validates such a plan and ``runtime.apply_plan`` refuses it with a ``PlanError`` instead of silently
-applying the plan without it.
+Plan tensor ``kcache.topn`` int32 ``[L]``: per layer, the value rows a decode step reads per (row, KV head); ``0``
+keeps the layer's values with the model (all read, the stock path). Applies to full-attention layers that own a
+cache (a KVSharer reader reads its source's store with its own queries and the source's N; sliding-window layers are
+already bounded by their window and keep their values).
+
+What a KCache layer does (``topn[l] = N > 0``):
+
+- **Prefill** (the first forward): exact attention over everything with the freshly computed K/V (transformers'
+  SDPA), then the values move out to the store (:class:`ValueStore`) and the model-side copy is freed.
+- **Decode step** (one new token per row): the query is scored against *every* key the layer keeps (keys are
+  complete with the model, so the softmax and its denominator are exact), each (row, KV head) takes the ``N`` slots
+  with the largest probability **summed over its group's query heads** (GQA: one index set per KV head, not one per
+  query head), one batched gather reads only those value rows from the store, and the output is the softmax
+  **renormalised over the selected set** (a convex combination of value rows: it does not shrink when attention is
+  flat). When ``N`` is at least what the layer holds, every row is read and the output is exactly the stock one.
+- **A later multi-token chunk** (e.g. a question fed after a compressed context, chunked prefill) attends exactly
+  over all held rows (it reads them all).
+
+The store is an ordinary CPU buffer; when the model runs on CUDA it is page-locked (pinned) CPU memory, rows are
+gathered on the host into a pinned staging buffer and copied to the device asynchronously. Bytes are *moved*, not
+removed: ``physical_bytes`` counts the store, ``store_bytes`` says how much of it lives in the store.
+
+Composition: KCache applies to what a layer keeps. A PyramidInfer layer (``BudgetedLayer``) keeps its rectangle's
+values in a dense store; a KV-Compress layer (``RaggedLayer``) keeps its blocks' values in the store (its dense
+decode tail of at most ``slack`` tokens waits with the model until the next merge, like KCache's "recent values stay
+on the device until their page is flushed"); the layer's own eviction scores still come from the exact
+probabilities over its keys. Without a token budget, :class:`OffloadedLayer` keeps everything.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
-from .schema import MethodSpec, TensorContext, TensorSpec
+from .layers import Held, LayerPlan, PlanLayer, tensor_bytes
+from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
+
+NEG_INF = float("-inf")
+
+
+def store_device_for(model_device: torch.device) -> tuple[torch.device, bool]:
+    """Where a layer on ``model_device`` keeps its values: the CPU, pinned when the model runs on CUDA."""
+    return torch.device("cpu"), model_device.type == "cuda"
+
+
+def top_slots(score: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 ``[..., n]``: the ``n`` slots of largest ``score`` along the last dim; ties go to the earlier slot (a
+    stable sort, so a left-padded row picks the same tokens as its solo run even when its query attends uniformly,
+    e.g. the zero embedding of a padding token)."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :n]
+
+
+class ValueStore:
+    """One layer's value rows in the second store, and the counters of what decode steps read from it.
+
+    Two layouts share it: a dense rectangle ``[B, H_kv, capacity, d]`` whose first ``length`` slots are used
+    (:meth:`append` grows it by about 1/16 at a time; stock and PyramidInfer layers), or whatever tensor a layer
+    :meth:`put` there (KV-Compress's blocks ``[N, block, d]``). Either way rows are addressed by their index in the
+    buffer flattened to ``[-1, d]``, and :meth:`fetch` reads a batch of them to the model's device in one gather.
+
+    Counters (plain ints, no device synchronisation): ``rows_read`` / ``rows_held`` summed over the steps that read
+    from the store, ``steps``, and the last step's ``last_read`` / ``last_held``.
+    """
+
+    def __init__(self, model_device: torch.device):
+        self.model_device = torch.device(model_device)
+        self.device, self.pin = store_device_for(self.model_device)
+        self.buffer: torch.Tensor | None = None
+        self.length = 0  # dense layout: slots used along dim -2
+        self.rows_read = self.rows_held = self.steps = self.last_read = self.last_held = 0
+
+    # ----- placing values --------------------------------------------------------------------------------------
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A new (pinned where needed) store tensor."""
+        return torch.empty(shape, dtype=dtype, device=self.device, pin_memory=self.pin)
+
+    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        return self.empty(shape, dtype).zero_()
+
+    def put(self, values: torch.Tensor) -> torch.Tensor:
+        """Keep a copy of ``values`` (any layout) as the whole store; returns the store's tensor."""
+        buffer = self.empty(values.shape, values.dtype)
+        buffer.copy_(values)
+        self.buffer = buffer
+        self.length = values.shape[-2] if values.dim() >= 2 else 0
+        return buffer
+
+    def append(self, chunk: torch.Tensor) -> None:
+        """Dense layout: append ``[B, H_kv, Q, d]`` after the used slots (grows the capacity when needed)."""
+        q_len = chunk.shape[-2]
+        if self.buffer is None:
+            self.put(chunk)
+            return
+        capacity = self.buffer.shape[-2]
+        if self.length + q_len > capacity:
+            grown = self.length + q_len + max(16, (self.length + q_len) // 16)
+            buffer = self.empty((*self.buffer.shape[:-2], grown, self.buffer.shape[-1]), self.buffer.dtype)
+            buffer[..., : self.length, :].copy_(self.buffer[..., : self.length, :])
+            self.buffer = buffer
+        self.buffer[..., self.length : self.length + q_len, :].copy_(chunk)
+        self.length += q_len
+
+    def view(self) -> torch.Tensor:
+        """Dense layout: the used slots ``[B, H_kv, length, d]`` (a view of the store)."""
+        return self.buffer[..., : self.length, :]
+
+    def replace_dense(self, values: torch.Tensor) -> None:
+        """Dense layout: the store becomes exactly ``values [B, H_kv, T, d]`` (after a compaction or row selection)."""
+        self.put(values)
+
+    def clear(self) -> None:
+        self.buffer = None
+        self.length = 0
+
+    def tensors(self) -> tuple:
+        return (self.buffer,)
+
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
+
+    # ----- reading -------------------------------------------------------------------------------------------------
+    def fetch(self, source: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``flat_idx`` (int64, any shape ``[...]``) of the store tensor ``source`` seen as ``[-1, d]``, on the
+        model's device as ``[..., d]``: one host gather (into a pinned staging buffer on CUDA), one copy."""
+        dim = source.shape[-1]
+        flat = source.reshape(-1, dim)
+        idx = flat_idx.reshape(-1)
+        if idx.device != self.device:
+            idx = idx.to(self.device)
+        if self.pin:
+            staging = self.empty((idx.numel(), dim), source.dtype)
+            torch.index_select(flat, 0, idx, out=staging)
+            rows = staging.to(self.model_device, non_blocking=True)
+        else:
+            rows = flat.index_select(0, idx).to(self.model_device)
+        return rows.view(*flat_idx.shape, dim)
+
+    def to_model(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All of ``tensor`` (a store tensor) on the model's device (non-blocking from pinned memory)."""
+        return tensor.to(self.model_device, non_blocking=self.pin)
+
+    def count(self, read: int, held: int) -> None:
+        self.rows_read += read
+        self.rows_held += held
+        self.steps += 1
+        self.last_read, self.last_held = read, held
+
+    def read_all(self) -> torch.Tensor:
+        """Dense layout: every used row ``[B, H_kv, T, d]`` on the model's device (counted as a read of all)."""
+        values = self.view()
+        rows = values.shape[0] * values.shape[1] * values.shape[2]
+        self.count(rows, rows)
+        return self.to_model(values)
+
+    def topn_output(self, probs: torch.Tensor, topn: int) -> torch.Tensor:
+        """KCache's readout over the dense store.
+
+        Args:
+            probs: float32 ``[B, H_kv, M, T]``: exact softmax probabilities of the ``M`` query heads (× queries) of
+                each KV head's group over the ``T`` slots of the store (0 for masked slots).
+            topn: rows to read per (row, KV head).
+
+        Returns:
+            ``[B, H_kv, M, d]`` in the store's dtype: with ``topn >= T`` exactly ``probs @ values`` (every row read);
+            otherwise, per (row, KV head), the ``topn`` slots of largest summed probability, weights renormalised
+            over them.
+        """
+        bsz, n_kv, m, total = probs.shape
+        if topn >= total:
+            values = self.read_all()
+            return torch.matmul(probs.to(values.dtype), values)
+        idx = top_slots(probs.sum(dim=2), topn)  # [B, H_kv, n]
+        capacity = self.buffer.shape[-2]
+        base = (torch.arange(bsz * n_kv, device=idx.device) * capacity).view(bsz, n_kv, 1)
+        values = self.fetch(self.buffer, base + idx)  # [B, H_kv, n, d]
+        self.count(bsz * n_kv * topn, bsz * n_kv * total)
+        weights = probs.gather(-1, idx[:, :, None, :].expand(bsz, n_kv, m, topn))
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+        return torch.matmul(weights.to(values.dtype), values)
+
+
+class OffloadedLayer(DynamicLayer, PlanLayer):
+    """A layer that keeps every token, keys with the model and values in a :class:`ValueStore` (KCache alone).
+
+    ``keys`` ``[B, H_kv, T, d]`` grow like transformers' ``DynamicLayer``; ``values`` stays ``None`` once the prefill
+    is done (they are in ``store``). Decode steps read ``topn`` value rows per (row, KV head); see the module doc.
+    """
+
+    def __init__(self, topn: int, readers: int = 0):
+        super().__init__()
+        if int(topn) < 1:
+            raise ValueError(f"an OffloadedLayer reads at least one value row per step, not topn={topn}")
+        self.topn = int(topn)
+        self.readers = readers
+        self.store: ValueStore | None = None
+        self._fresh: torch.Tensor | None = None  # the prefill's values, with the model until every reader attended
+        self._readers_left = 0
+        self.offloaded = False
+
+    # ----- transformers' layer protocol -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.store = ValueStore(key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # copies, as DynamicLayer's cat makes: the model's tensors may be views of a larger (fused) buffer
+        self.keys = key_states.clone() if self.keys is None else torch.cat([self.keys, key_states], dim=-2)
+        if not self.offloaded:
+            self._fresh = value_states.clone() if self._fresh is None else torch.cat([self._fresh, value_states], -2)
+            return self.keys, self._fresh
+        self.store.append(value_states)
+        return self.keys, value_states  # kvplan's attention reads the store, not these
+
+    def current_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, (self._fresh if not self.offloaded else self.store.view())
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self._fresh = None
+        if self.store is not None:
+            self.store.clear()
+        self.offloaded = False
+        self._readers_left = 0
+        self.is_initialized = False
+
+    def crop(self, *args, **kwargs) -> None:
+        raise NotImplementedError(
+            "a KCache layer cannot be cropped (assisted/speculative decoding); generate without an assistant model "
+            "while a plan is applied"
+        )
+
+    def _select_rows(self, fn) -> None:
+        if self.keys is not None:
+            self.keys = fn(self.keys)
+        if self._fresh is not None:
+            self._fresh = fn(self._fresh)
+        if self.offloaded:
+            self.store.replace_dense(fn(self.store.view()))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    # ----- the plan-layer interface -------------------------------------------------------------------------------
+    def held(self) -> Held:
+        if self.keys is None:
+            raise RuntimeError("kvplan: the layer has not cached anything yet")
+        values = self._fresh if not self.offloaded else self.store.to_model(self.store.view())
+        return Held(self.keys, values)
+
+    def holds_anything(self) -> bool:
+        return self.keys is not None and self.keys.numel() > 0
+
+    def physical_bytes(self, by_device: bool = False):
+        store = self.store.tensors() if self.store is not None else ()
+        return tensor_bytes((self.keys, self._fresh, *store), by_device)
+
+    def value_stores(self) -> list[ValueStore]:
+        return [self.store] if self.store is not None else []
+
+    def kept_lengths(self) -> torch.Tensor:
+        if not self.holds_anything():
+            return torch.zeros(0, 0, dtype=torch.int64)
+        bsz, heads, width, _ = self.keys.shape
+        return torch.full((bsz, heads), width, dtype=torch.int64)
+
+    # ----- attention ----------------------------------------------------------------------------------------------
+    def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, exact) -> torch.Tensor:
+        if not self.offloaded:
+            out = exact(self.keys, self._fresh)
+            self._readers_left = self.readers
+            if self.readers == 0:
+                self._offload()
+            return out
+        return self._decode(query, mask, scaling, exact)
+
+    def reader_attention(self, query, mask, scaling, exact) -> torch.Tensor:
+        if not self.offloaded:
+            if self._readers_left <= 0:
+                raise RuntimeError("kvplan: a sharing layer attended before its source layer in this forward pass")
+            out = exact(self.keys, self._fresh)
+            self._readers_left -= 1
+            if self._readers_left == 0:
+                self._offload()
+            return out
+        return self._decode(query, mask, scaling, exact)
+
+    def check_forward(self, layer_idx: int, where: str) -> None:
+        if self._fresh is not None and self._readers_left > 0:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} waited for sharing layers that never attended over its cache in this "
+                f"forward pass ({where}); please report it with the model id"
+            )
+        if self._fresh is not None and self.keys is not None and not self.offloaded:
+            raise RuntimeError(
+                f"kvplan: layer {layer_idx} cached tokens without going through kvplan's attention function; this "
+                f"architecture ({where}) does not pass keyword arguments down to attention, so the plan cannot be "
+                "applied to it. Please report it with the model id."
+            )
+
+    def _offload(self) -> None:
+        """Move the prefill's values to the store and free the model-side copy."""
+        self.store.put(self._fresh)
+        self._fresh = None
+        self.offloaded = True
+
+    def _decode(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, exact) -> torch.Tensor:
+        """One step after the prefill: top-N over the store for a single new token, exact over all rows otherwise."""
+        bsz, n_q_heads, q_len, dim = query.shape
+        total = self.keys.shape[2]
+        if q_len != 1 or self.topn >= total:
+            return exact(self.keys, self.store.read_all())
+        n_kv = self.keys.shape[1]
+        groups = n_q_heads // n_kv
+        q = query.reshape(bsz, n_kv, groups, dim)
+        logits = torch.matmul(q, self.keys.transpose(-1, -2))  # [B, H_kv, G, T]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        logits = logits * scaling
+        if mask is not None:
+            logits = logits.masked_fill(~mask[:, :, -1:, :], NEG_INF)  # [B|1, 1, 1, T] broadcasts over heads
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out = self.store.topn_output(probs, self.topn)  # [B, H_kv, G, d]
+        return out.to(query.dtype).reshape(bsz, n_q_heads, 1, dim).transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registration: plan schema, parameters, runtime hook
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _check_topn(values: torch.Tensor, context: TensorContext) -> str | None:
@@ -21,14 +350,47 @@ def _check_topn(values: torch.Tensor, context: TensorContext) -> str | None:
     return None
 
 
+def _check_error(values: torch.Tensor, context: TensorContext) -> str | None:
+    if bool((values < 0).any()) or not bool(torch.isfinite(values).all()):
+        return "values must be finite and >= 0"
+    return None
+
+
+def configure(plan, layers: list[LayerPlan], config) -> None:
+    """Give every full-attention layer with ``topn > 0`` its N (sharing layers read their source's store; sliding
+    layers keep their values: their window already bounds them)."""
+    topn = plan.tensors["kcache.topn"].tolist()
+    for layer, n in zip(layers, topn):
+        if layer.kind == "full_attention" and int(n) > 0:
+            layer.topn = int(n)
+
+
 METHOD = MethodSpec(
     name="kcache",
-    description="KCache: values live in a second store and decoding reads only the top-N attended rows",
-    tensors=(TensorSpec("kcache.topn", torch.int32, ("L",), _check_topn, "values read per decode step (0 = all)"),),
-    configure=None,  # not applicable by this runtime yet: apply_plan refuses such plans
-    calibration_step=None,
+    description="KCache: keys stay with the model, values live in a second store and each decode step reads only "
+    "the top-N attended value rows",
+    tensors=(
+        TensorSpec("kcache.topn", torch.int32, ("L",), _check_topn,
+                   "value rows each decode step reads per (row, KV head); 0 = the layer keeps its values with the "
+                   "model and reads all"),
+        TensorSpec("kcache.output_error", torch.float32, ("L",), _check_error,
+                   "calibration: relative error of the attention output at the chosen top-N (0 where topn = 0)",
+                   required=False),
+    ),
+    params=(
+        ParamSpec("tolerance", "float", 0.02, "calibration: largest mean relative error of a layer's attention "
+                  "output (top-N vs all values) a layer's N may cause", minimum=0.0, maximum=1.0,
+                  stage="calibration"),
+        ParamSpec("queries", "int", 64, "calibration: last queries of each sample whose top-N output is measured",
+                  minimum=1, stage="calibration"),
+        ParamSpec("flat_fraction", "float", 0.5, "calibration: a layer whose N would exceed this fraction of the "
+                  "calibration context keeps its values with the model (topn = 0)", minimum=0.0, maximum=1.0,
+                  stage="calibration"),
+    ),
+    configure=configure,
+    calibration_step="calibrate.kcache:calibration_step",
     calibration_order=3,
     card_column=("top-n values", "kcache.topn", lambda row: "all" if row == 0 else str(row)),
 )
 
-__all__ = ["METHOD"]
+__all__ = ["METHOD", "OffloadedLayer", "ValueStore", "store_device_for", "top_slots"]

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .kcache import ValueStore, top_slots
 from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
@@ -88,8 +89,8 @@ class HeadParams:
             return 0.0
         return float(self.budget(torch.tensor(seen)).double().mean())
 
-    def make_layer(self, readers: int = 0) -> "RaggedLayer":
-        return RaggedLayer(self, readers=readers)
+    def make_layer(self, readers: int = 0, topn: int = 0) -> "RaggedLayer":
+        return RaggedLayer(self, readers=readers, topn=topn)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,6 +174,19 @@ class RaggedStorage:
         self.scores: torch.Tensor | None = None
         self.block_seg: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None
+        self.store: ValueStore | None = None  # KCache: ``values`` live in this store (set before the first pack)
+        self._table: torch.Tensor | None = None
+
+    def block_table(self) -> torch.Tensor:
+        """int64 ``[S, max blocks]``: each segment's blocks in order, ``-1`` past its last (KCache's top-N readout)."""
+        if self._table is None:
+            segments = self.lengths.numel()
+            n_blocks = torch.bincount(self.block_seg, minlength=segments)
+            width = int(n_blocks.max()) if segments else 0
+            j = torch.arange(width, device=n_blocks.device)
+            first = _exclusive_cumsum(n_blocks)
+            self._table = torch.where(j[None, :] < n_blocks[:, None], first[:, None] + j[None, :], -1)
+        return self._table
 
     def pack(self, seg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
              scores: torch.Tensor, segments: int) -> None:
@@ -189,11 +203,18 @@ class RaggedStorage:
         total_blocks = int(n_blocks.sum())
         dim = keys.shape[-1]
         self.keys = keys.new_zeros(total_blocks, blk, dim)
-        self.values = values.new_zeros(total_blocks, blk, dim)
         self.positions = torch.zeros(total_blocks, blk, dtype=torch.int32, device=device)
         self.scores = torch.full((total_blocks, blk), NEG_INF, dtype=torch.float32, device=device)
         self.keys[block_idx, offset] = keys
-        self.values[block_idx, offset] = values
+        if self.store is None:
+            self.values = values.new_zeros(total_blocks, blk, dim)
+            self.values[block_idx, offset] = values
+        else:  # KCache: the blocks' values are written straight into the store
+            home = self.store.device
+            self.values = self.store.zeros((total_blocks, blk, dim), values.dtype)
+            self.values[block_idx.to(home), offset.to(home)] = values.to(home)
+            self.store.buffer = self.values
+        self._table = None
         self.positions[block_idx, offset] = positions.to(torch.int32)
         self.scores[block_idx, offset] = scores.float()
         self.block_seg = torch.repeat_interleave(torch.arange(segments, device=device), n_blocks)
@@ -203,7 +224,8 @@ class RaggedStorage:
         """Flat ``(seg, keys, values, positions, scores)`` of every filled slot, sorted by (segment, position)."""
         filled = self.scores > NEG_INF
         seg = self.block_seg[:, None].expand_as(filled)[filled]
-        return seg, self.keys[filled], self.values[filled], self.positions[filled].long(), self.scores[filled]
+        values = self.values[filled.to(self.values.device)]  # on the store's device with KCache
+        return seg, self.keys[filled], values, self.positions[filled].long(), self.scores[filled]
 
     def select_segments(self, sel: torch.Tensor) -> None:
         """Keep segments ``sel`` (int64 ``[S']``, may repeat) as the new segments ``0 .. S' - 1``."""
@@ -215,15 +237,22 @@ class RaggedStorage:
         rank = torch.arange(total, device=sel.device) - torch.repeat_interleave(new_first, counts)
         idx = torch.repeat_interleave(first[sel], counts) + rank
         for name in ("keys", "values", "positions", "scores"):
-            setattr(self, name, getattr(self, name)[idx])
+            tensor = getattr(self, name)
+            setattr(self, name, tensor[idx.to(tensor.device)])
+        if self.store is not None:
+            self.values = self.store.put(self.values)
         self.block_seg = torch.repeat_interleave(torch.arange(sel.numel(), device=sel.device), counts)
         self.lengths = self.lengths[sel]
+        self._table = None
 
     def tensors(self) -> tuple:
         return (self.keys, self.values, self.positions, self.scores, self.block_seg, self.lengths)
 
     def clear(self) -> None:
         self.keys = self.values = self.positions = self.scores = self.block_seg = self.lengths = None
+        self._table = None
+        if self.store is not None:
+            self.store.clear()
 
 
 def ragged_attend(
@@ -234,6 +263,7 @@ def ragged_attend(
     tail_allowed: torch.Tensor,
     scaling: float,
     metric: str = "l2",
+    topn: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact attention of ``query`` over a ragged body plus a dense tail, and each slot's vote.
 
@@ -245,6 +275,10 @@ def ragged_attend(
             when every query may attend to every tail token (a decode step without padding).
         scaling: softmax scale.
         metric: ``l2``: the votes are squared probabilities, ``l1``: probabilities.
+        topn: KCache (``body.store`` set): a single query per row reads only the ``topn`` value rows per (row, KV
+            head) of largest probability summed over the group's query heads, body and tail together, weights
+            renormalised over them (:func:`_topn_readout`); a longer chunk, or ``topn`` at least what a head holds,
+            reads every row. Keys, scores and votes are always exact.
 
     Returns:
         output ``[B, Q, H_q, d]`` (the layout transformers' attention functions return), body votes float32
@@ -275,10 +309,19 @@ def ragged_attend(
     exp_b = logits_b.sub_(top[seg][:, :, None]).exp_()
     exp_t = logits_t.sub_(top[:, :, None]).exp_()
     denom = exp_t.sum(dim=-1).index_add_(0, seg, exp_b.sum(dim=-1))  # [S, GQ]
-    out = torch.bmm(exp_t, tail_values.to(work).reshape(segs, n_tail, dim))
-    out = out.index_add_(0, seg, torch.bmm(exp_b, body.values.to(work)))
     inv = 1.0 / denom.clamp_(min=torch.finfo(work).tiny)  # [S, GQ]
-    result = (out * inv[:, :, None]).to(query.dtype)  # [S, GQ, d]
+    store = body.store
+    held_rows = body.keys.shape[0] * body.block + segs * n_tail
+    if store is not None and 0 < topn and q_len == 1 and topn < body.block_table().shape[1] * body.block + n_tail:
+        result = _topn_readout(exp_b, exp_t, inv, body, tail_values, topn, work).to(query.dtype)
+    else:
+        body_values = body.values
+        if store is not None:
+            store.count(held_rows, held_rows)
+            body_values = store.to_model(body_values)
+        out = torch.bmm(exp_t, tail_values.to(work).reshape(segs, n_tail, dim))
+        out = out.index_add_(0, seg, torch.bmm(exp_b, body_values.to(work)))
+        result = (out * inv[:, :, None]).to(query.dtype)  # [S, GQ, d]
     result = result.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
     # votes: sum over the group's query heads (and queries) of p (l1) or p**2 (l2), p = exp / denom
     if metric == "l2":
@@ -289,6 +332,50 @@ def ragged_attend(
     votes_b = torch.bmm(weight[seg][:, None, :], exp_b)[:, 0]  # [N, blk]
     votes_t = torch.bmm(weight[:, None, :], exp_t)[:, 0].view(bsz, n_kv, n_tail)
     return result, votes_b.float(), votes_t.float()
+
+
+def _topn_readout(
+    exp_b: torch.Tensor, exp_t: torch.Tensor, inv: torch.Tensor, body: RaggedStorage, tail_values: torch.Tensor,
+    topn: int, work: torch.dtype,
+) -> torch.Tensor:
+    """KCache over ragged storage: per segment, the ``topn`` slots (body and tail) of largest probability summed over
+    the segment's query heads; one gather of their value rows from the store; softmax renormalised over them.
+
+    Args:
+        exp_b: ``[N, GQ, block]`` / exp_t: ``[S, GQ, n]``: unnormalised probabilities (``exp(logit - max)``, 0 for
+            empty or masked slots) of body blocks and tail; inv: ``[S, GQ]`` their softmax normalisers.
+        tail_values: ``[B, H_kv, n, d]`` (with the model).
+
+    Returns:
+        ``[S, GQ, d]`` in ``work`` dtype.
+    """
+    n_blocks, gq, blk = exp_b.shape
+    segs, _, n_tail = exp_t.shape
+    seg = body.block_seg
+    table = body.block_table()  # [S, W]
+    width = table.shape[1]
+    score_b = torch.bmm(inv[seg][:, None, :], exp_b)[:, 0]  # [N, blk]: summed probability of each body slot
+    score_t = torch.bmm(inv[:, None, :], exp_t)[:, 0]  # [S, n]
+    safe = table.clamp(min=0)
+    cand_b = score_b[safe].masked_fill((table < 0)[..., None], -1.0).reshape(segs, width * blk)
+    cand = torch.cat([cand_b, score_t], dim=1)
+    sel = top_slots(cand, topn)  # [S, k]
+    real = cand.gather(1, sel) >= 0  # -1: a slot past the segment's last block
+    in_body = sel < width * blk
+    col = torch.div(sel, blk, rounding_mode="floor").clamp(max=max(width - 1, 0))
+    slot = torch.where(in_body, safe.gather(1, col) * blk + sel % blk, 0) if width else torch.zeros_like(sel)
+    weights = exp_b.transpose(1, 2).reshape(n_blocks * blk, gq)[slot]  # [S, k, GQ]
+    values = body.store.fetch(body.values, slot).to(work)  # [S, k, d]: the only value rows read from the store
+    if n_tail:
+        t_idx = torch.where(in_body, 0, sel - width * blk)
+        weights_t = exp_t.transpose(1, 2).gather(1, t_idx[..., None].expand(segs, topn, gq))
+        values_t = tail_values.to(work).reshape(segs, n_tail, -1).gather(1, t_idx[..., None].expand(-1, -1, values.shape[-1]))
+        weights = torch.where(in_body[..., None], weights, weights_t)
+        values = torch.where(in_body[..., None], values, values_t)
+    weights = weights * real[..., None]
+    body.store.count(segs * topn, n_blocks * blk + segs * n_tail)
+    out = torch.bmm(weights.transpose(1, 2), values)  # [S, GQ, d]
+    return out / weights.sum(dim=1).clamp(min=torch.finfo(work).tiny)[..., None]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,10 +395,11 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
     would alone.
     """
 
-    def __init__(self, params: HeadParams, readers: int = 0):
+    def __init__(self, params: HeadParams, readers: int = 0, topn: int = 0):
         super().__init__()
         self.params = params
         self.readers = readers
+        self.topn = int(topn)  # KCache: value rows a decode step reads per (row, KV head); 0 = values stay
         self.body = RaggedStorage(params.block)
         self._tail_k: torch.Tensor | None = None  # [B, H_kv, capacity, d]; the first n_tail slots are used
         self._tail_v: torch.Tensor | None = None
@@ -437,7 +525,9 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         out_v = values.new_zeros(segs, width, dim)
         out_p = torch.zeros(segs, width, dtype=torch.int64, device=seg.device)
         valid = torch.zeros(segs, width, dtype=torch.bool, device=seg.device)
-        out_k[seg, slot], out_v[seg, slot], out_p[seg, slot], valid[seg, slot] = keys, values, pos, True
+        out_k[seg, slot], out_p[seg, slot], valid[seg, slot] = keys, pos, True
+        out_v[seg.to(out_v.device), slot.to(out_v.device)] = values
+        out_v = out_v.to(out_k.device)
         shape = (bsz, n_kv, width)
         return Held(out_k.view(*shape, dim), out_v.view(*shape, dim), out_p.view(shape), valid.view(shape))
 
@@ -466,10 +556,11 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         dim = body.shape[-1]
         flat_body = body.reshape(-1, dim)
         n_body = flat_body.shape[0]
-        out = body.new_empty(src.numel(), dim)
+        out = body.new_empty(src.numel(), dim)  # on the body's device (the KCache store for values)
+        src = src.to(body.device)
         from_body = src < n_body
         out[from_body] = flat_body[src[from_body]]
-        out[~from_body] = tail.reshape(-1, dim)[src[~from_body] - n_body]
+        out[~from_body] = tail.reshape(-1, dim).to(body.device)[src[~from_body] - n_body]
         return out
 
     def holds_anything(self) -> bool:
@@ -488,6 +579,9 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         lengths = self.kept_lengths()
         return int(lengths.max()) if lengths.numel() else 0
 
+    def value_stores(self) -> list:
+        return [self.body.store] if self.body.store is not None else []
+
     def physical_bytes(self, by_device: bool = False):
         prefill = self._prefill or ()
         return tensor_bytes((*self.body.tensors(), self._tail_k, self._tail_v, self._tail_s, self.real_seen,
@@ -505,7 +599,7 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
             q_len = query.shape[2]
             allowed = self._tail_allowed(full_mask, q_len)
             out, votes_b, votes_t = ragged_attend(query, self.body, self.tail_keys, self.tail_values, allowed,
-                                                  scaling, self.params.metric)
+                                                  scaling, self.params.metric, self.topn)
             self._pending = {"prefill": False, "allowed": allowed, "q_len": q_len, "votes": [(votes_b, votes_t)]}
         if self.readers == 0:
             self._finish_step()
@@ -522,7 +616,7 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
             pending["votes"].append(self._prefill_votes(query, pending["valid"], scaling))
         else:
             out, votes_b, votes_t = ragged_attend(query, self.body, self.tail_keys, self.tail_values,
-                                                  pending["allowed"], scaling, self.params.metric)
+                                                  pending["allowed"], scaling, self.params.metric, self.topn)
             pending["votes"].append((votes_b, votes_t))
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()
@@ -589,6 +683,8 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         keep = (ranks < budget[..., None]) & valid[:, None, :]
         b, h, t = keep.nonzero(as_tuple=True)
         kept_scores = torch.where(sink[b, t], POS_INF, scores[b, h, t])  # sinks stay protected; the window ages out
+        if self.topn > 0:  # KCache: from now on the blocks' values live in the store
+            self.body.store = ValueStore(keys.device)
         self.body.pack(b * n_kv + h, keys[b, h, t], values[b, h, t], t, kept_scores, bsz * n_kv)
         self.n_tail = 0
         self.tail_start = self.seen

@@ -58,8 +58,10 @@ class LayerPlan:
         source: the layer whose cache this layer reads (its own index when it owns its cache; KVSharer).
         readers: how many later layers read this layer's cache.
         selection: the token budget of the layer's own cache (PyramidInfer's ``PyramidParams``, KV-Compress's
-            ``HeadParams``: anything with ``make_layer(readers)`` and ``theoretical_tokens(seen)``), or None when it
-            keeps everything it sees. Ignored for a sharing layer (its source's selection applies).
+            ``HeadParams``: anything with ``make_layer(readers, topn)`` and ``theoretical_tokens(seen)``), or None
+            when it keeps everything it sees. Ignored for a sharing layer (its source's selection applies).
+        topn: KCache: value rows a decode step reads per (row, KV head), its values in a second store; 0 keeps the
+            values with the model. Ignored for a sharing layer (it reads its source's store).
     """
 
     index: int
@@ -67,6 +69,7 @@ class LayerPlan:
     source: int
     readers: int = 0
     selection: Any = None
+    topn: int = 0
 
     @property
     def owns_cache(self) -> bool:
@@ -112,6 +115,15 @@ class PlanLayer:
     def kept_lengths(self) -> torch.Tensor:
         """int64 ``[B, H_kv]``: real tokens each (row, KV head) holds."""
         raise NotImplementedError
+
+    def value_stores(self) -> list:
+        """KCache: the layer's value stores (``runtime.kcache.ValueStore``; empty when its values stay with the
+        model)."""
+        return []
+
+    def store_bytes(self) -> int:
+        """Bytes of this layer's values that live in the KCache value store (included in ``physical_bytes``)."""
+        return sum(store.nbytes() for store in self.value_stores())
 
     def kept_length(self) -> int:
         """Slots held per row and head (the rectangle's width)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .kcache import ValueStore
 from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
@@ -65,8 +66,8 @@ class PyramidParams:
         """Tokens held per KV head after ``seen`` real tokens (for memory accounting)."""
         return float(theoretical_kept(seen, self))
 
-    def make_layer(self, readers: int = 0) -> "BudgetedLayer":
-        return BudgetedLayer(self, readers=readers)
+    def make_layer(self, readers: int = 0, topn: int = 0) -> "BudgetedLayer":
+        return BudgetedLayer(self, readers=readers, topn=topn)
 
     def slack_for(self, budget):
         """Tokens allowed above ``budget`` (an int, or an int64 tensor of per-row budgets) before compacting."""
@@ -147,11 +148,15 @@ def attend(
     scaling: float,
     head_reduce: str = "mean",
     per_kv_head: bool = False,
+    topn: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain attention over what a layer holds, returning the output and the head-reduced probabilities.
 
     Args:
         query: ``[B, H_q, Q, d]``; keys/values: ``[B, H_kv, T, d]`` (grouped-query heads are not copied).
+            ``values`` may instead be the layer's KCache :class:`ValueStore`: a single query per row then reads only
+            the ``topn`` rows per (row, KV head) it attends to most (``ValueStore.topn_output``), a longer chunk
+            reads them all.
         allowed: bool ``[B, H_s, Q, T]`` (``H_s`` 1 or ``H_kv``).
 
     Returns:
@@ -165,7 +170,11 @@ def attend(
     logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
     logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill(~allowed[:, :, None], NEG_INF)
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    out = torch.matmul(probs.view(bsz, n_kv, groups * q_len, total).to(values.dtype), values)
+    flat = probs.view(bsz, n_kv, groups * q_len, total)
+    if isinstance(values, ValueStore):
+        out = values.topn_output(flat, topn if q_len == 1 else total).to(query.dtype)
+    else:
+        out = torch.matmul(flat.to(values.dtype), values)
     out = out.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
     return out, reduce_heads(probs, head_reduce, per_kv_head)
 
@@ -182,9 +191,26 @@ class DenseStorage:
     def __init__(self, selection_heads: int | None):
         self.selection_heads = selection_heads  # 1, or None for one selection per KV head
         self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None  # None once the values moved to ``store``
         self.positions: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+        self.store: ValueStore | None = None  # KCache: where the values live after :meth:`offload`
+
+    @property
+    def offloaded(self) -> bool:
+        return self.store is not None and self.values is None and self.keys is not None
+
+    def offload(self, store: ValueStore) -> None:
+        """KCache: move the values to ``store`` (same layout ``[B, H_kv, T, d]``); the model-side copy is freed."""
+        store.put(self.values)
+        self.store, self.values = store, None
+
+    def attention_values(self):
+        """What attention reads the values from: the tensor, or the KCache store."""
+        return self.store if self.offloaded else self.values
+
+    def values_on_model(self) -> torch.Tensor:
+        return self.store.to_model(self.store.view()) if self.offloaded else self.values
 
     @property
     def width(self) -> int:
@@ -205,7 +231,10 @@ class DenseStorage:
             self.positions = torch.cat([self.positions, new_pos], dim=-1)
             self.scores = torch.cat([self.scores, self.scores.new_zeros(new_pos.shape)], dim=-1)
             self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+            if self.offloaded:
+                self.store.append(value_states)
+            else:
+                self.values = torch.cat([self.values, value_states], dim=-2)
 
     def valid(self) -> torch.Tensor:
         """bool ``[B, H_s, T]``: slots holding a real token."""
@@ -215,22 +244,31 @@ class DenseStorage:
         """Keep slots ``idx`` int64 ``[B, H_s, W]`` (ascending); slots where ``kept`` is False become empty."""
         n_kv, dim = self.keys.shape[1], self.keys.shape[3]
         idx_kv = idx[:, :, :, None].expand(-1, n_kv, -1, dim)  # H_s = 1 broadcasts to every KV head
+        if self.offloaded:
+            self.store.replace_dense(self.store.view().gather(2, idx_kv.to(self.store.device)))
+        else:
+            self.values = self.values.gather(2, idx_kv)
         self.keys = self.keys.gather(2, idx_kv)
-        self.values = self.values.gather(2, idx_kv)
         self.positions = self.positions.gather(-1, idx)
         self.scores = self.scores.gather(-1, idx).masked_fill(~kept, NEG_INF)
 
     def select_rows(self, fn) -> None:
+        if self.offloaded:
+            self.store.replace_dense(fn(self.store.view()))
         for name in ("keys", "values", "positions", "scores"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
 
     def tensors(self) -> tuple:
-        return (self.keys, self.values, self.positions, self.scores)
+        store = self.store.tensors() if self.offloaded else ()
+        return (self.keys, self.values, self.positions, self.scores, *store)
 
     def clear(self) -> None:
         self.keys = self.values = self.positions = self.scores = None
+        if self.store is not None:
+            self.store.clear()
+        self.store = None
 
 
 class BudgetedLayer(CompressingLayer, DynamicLayer):
@@ -243,10 +281,11 @@ class BudgetedLayer(CompressingLayer, DynamicLayer):
     the tokens *seen*, so positions and masks stay those of the full sequence; ``kept_length()`` is the width held.
     """
 
-    def __init__(self, params: PyramidParams, readers: int = 0):
+    def __init__(self, params: PyramidParams, readers: int = 0, topn: int = 0):
         super().__init__()
         self.params = params
         self.readers = readers  # KVSharer: later layers that attend over this layer's cache
+        self.topn = int(topn)  # KCache: value rows a decode step reads per (row, KV head); 0 = values stay
         self.storage = DenseStorage(params.selection_heads)
         self._pending: dict | None = None  # this step's votes while readers still have to attend
         self.seen = 0
@@ -311,7 +350,7 @@ class BudgetedLayer(CompressingLayer, DynamicLayer):
     def held(self) -> Held:
         if self.storage.keys is None:
             raise RuntimeError("kvplan: the layer has not cached anything yet")
-        return Held(self.storage.keys, self.storage.values, self.storage.positions, self.storage.valid())
+        return Held(self.storage.keys, self.storage.values_on_model(), self.storage.positions, self.storage.valid())
 
     def holds_anything(self) -> bool:
         return self.storage.width > 0
@@ -327,6 +366,9 @@ class BudgetedLayer(CompressingLayer, DynamicLayer):
 
     def physical_bytes(self, by_device: bool = False):
         return tensor_bytes((*self.storage.tensors(), self.real_seen), by_device)
+
+    def value_stores(self) -> list:
+        return [self.storage.store] if self.storage.offloaded else []
 
     # ----- attention ----------------------------------------------------------------------------------------------
     def attention(
@@ -345,8 +387,8 @@ class BudgetedLayer(CompressingLayer, DynamicLayer):
             self._pending = {"prefill": True, "mask": full_mask, "votes": [self._prefill_scores(query, full_mask, scaling)]}
         else:
             allowed = self._allowed(full_mask, query.shape[2])
-            out, probs = attend(query, self.storage.keys, self.storage.values, allowed, scaling, p.head_reduce,
-                                p.per_kv_head)
+            out, probs = attend(query, self.storage.keys, self.storage.attention_values(), allowed, scaling,
+                                p.head_reduce, p.per_kv_head, self.topn)
             self._pending = {"prefill": False, "allowed": allowed, "votes": [probs]}
         if self.readers == 0:
             self._finish_step()
@@ -368,8 +410,8 @@ class BudgetedLayer(CompressingLayer, DynamicLayer):
             out = exact(self.storage.keys, self.storage.values)
             pending["votes"].append(self._prefill_scores(query, full_mask, scaling))
         else:
-            out, probs = attend(query, self.storage.keys, self.storage.values, pending["allowed"], scaling,
-                                p.head_reduce, p.per_kv_head)
+            out, probs = attend(query, self.storage.keys, self.storage.attention_values(), pending["allowed"],
+                                scaling, p.head_reduce, p.per_kv_head, self.topn)
             pending["votes"].append(probs)
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()
@@ -412,6 +454,9 @@ class BudgetedLayer(CompressingLayer, DynamicLayer):
         self.prefill_end = self.seen
         self.compressed = True
         self._compact(self.params.budget(self.real_seen))
+        if self.topn > 0:
+            self.storage.offload(ValueStore(keys.device))
+            self.values = None
 
     def _allowed(self, full_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
         """bool ``[B, H_s, Q, T]`` over the held slots: old real tokens, plus the new chunk's own (causal) mask."""

@@ -58,7 +58,6 @@ def test_parse_methods():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["smollm2-135m", "--methods", "kcache"], "not implemented"),
         (["smollm2-135m", "--methods", "kvsharer", "--share-layers", "1.5"], "--share-layers"),
         (["smollm2-135m", "--methods", "kvsharer", "--share-layers", "many"], "--share-layers"),
         (["smollm2-135m", "--methods", "pyramid"], "unknown method"),

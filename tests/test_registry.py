@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import struct
 
@@ -31,8 +33,8 @@ def test_every_method_is_registered_once_with_its_runtime_tensor():
     assert registry.METHODS == ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
     names = {spec.required_tensor.name for spec in registry.specs()}
     assert names == {"pyramidinfer.layer_keep", "kvsharer.share_source", "kvcompress.head_keep", "kcache.topn"}
-    assert registry.runtime_supported() == ("pyramidinfer", "kvsharer", "kvcompress")
-    assert registry.calibration_supported() == ("pyramidinfer", "kvsharer", "kvcompress")
+    assert registry.runtime_supported() == ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
+    assert registry.calibration_supported() == ("pyramidinfer", "kvsharer", "kvcompress", "kcache")
     head_keep = registry.get("kvcompress").required_tensor
     assert head_keep.dtype == torch.float32 and head_keep.shape == ("L", "H_kv")
     topn = registry.get("kcache").required_tensor
@@ -54,10 +56,19 @@ def test_defaults_come_from_the_registration():
     assert SharerSettings.from_args({}).threshold == registry.get("kvsharer").param("threshold").default
 
 
+@pytest.fixture
+def kcache_without_runtime(monkeypatch):
+    """The registry as an older runtime sees it: KCache registered (its plans load) but not applicable."""
+    spec = dataclasses.replace(registry.get("kcache"), configure=None, calibration_step=None)
+    monkeypatch.setitem(registry.REGISTRY, "kcache", spec)
+    return spec
+
+
 @pytest.mark.parametrize("method,tensor", [
     ("kcache", torch.full((4,), 8, dtype=torch.int32)),
 ])
-def test_a_plan_enabling_a_method_the_runtime_cannot_apply_is_refused_whole(model, method, tensor):
+def test_a_plan_enabling_a_method_the_runtime_cannot_apply_is_refused_whole(model, method, tensor,
+                                                                            kcache_without_runtime):
     base = pyramid_plan(model, 0.5)
     name = registry.get(method).required_tensor.name
     plan = Plan(fingerprint=base.fingerprint, methods=(*base.methods, method), params=base.params,
@@ -162,8 +173,12 @@ def test_model_card_and_help_come_from_the_registry(model):
         assert spec.description in card and spec.card_column[0] in card
     assert registry.get("kcache").description not in card
     lines = registry.help_lines()
-    assert any(line.startswith("kcache [not implemented yet]") for line in lines)
+    assert any(line.startswith("kcache: ") for line in lines)
     assert any(line.startswith("kvcompress: ") for line in lines)
+
+
+def test_help_marks_a_method_this_runtime_cannot_apply(kcache_without_runtime):
+    assert any(line.startswith("kcache [not implemented yet]") for line in registry.help_lines())
 
 
 def test_weights_digest_identifies_the_weights_not_the_name(model):
