@@ -239,6 +239,12 @@ def _print_summary(plan, result, out: Path) -> None:
 
         for line in budget_table(kvc):
             print(line, file=err)
+    kc = result.report.get("kcache")
+    if kc:
+        from .kcache import topn_table
+
+        for line in topn_table(kc):
+            print(line, file=err)
     split = result.report.get("split")
     if split:
         print("joint split (shared layers / owners' mean keep / KL / top-1):", file=err)

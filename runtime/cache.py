@@ -107,6 +107,36 @@ def physical_bytes(cache: Cache, by_device: bool = False) -> int | dict[str, int
     return dict(totals) if by_device else sum(totals.values())
 
 
+def store_bytes(cache: Cache) -> int:
+    """Bytes of the cache that live in KCache value stores (part of :func:`physical_bytes`; the rest is with the
+    model)."""
+    return sum(layer.store_bytes() for layer in cache.layers if isinstance(layer, PlanLayer))
+
+
+def value_rows(cache: Cache) -> tuple[int, int]:
+    """``(read, held)``: value rows the last forward read and the rows the cache held, summed over every layer that
+    owns a cache. A KCache layer counts what its last step gathered from its store (``N`` per row and KV head for a
+    decode step); any other layer reads every value row it holds. ``read / held`` is the fraction of value rows a
+    decode step reads."""
+    read = held = 0
+    for layer in cache.layers:
+        if isinstance(layer, SharedLayer):
+            continue
+        stores = layer.value_stores() if isinstance(layer, PlanLayer) else []
+        if stores:
+            read += sum(store.last_read for store in stores)
+            held += sum(store.last_held for store in stores)
+            continue
+        if isinstance(layer, PlanLayer):
+            rows = int(layer.kept_lengths().sum()) if layer.holds_anything() else 0
+        else:
+            keys = getattr(layer, "keys", None)
+            rows = 0 if keys is None or keys.numel() == 0 else keys.shape[0] * keys.shape[1] * keys.shape[2]
+        read += rows
+        held += rows
+    return read, held
+
+
 def _bytes_per_token(config, dtype: torch.dtype) -> int:
     cfg = _text_config(config)
     n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

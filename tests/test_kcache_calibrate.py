@@ -51,7 +51,8 @@ def _reference(query, key, value, scaling, positions, n):
         kv = h // groups
         for i, t in enumerate(positions.tolist()):
             keys = key[kv, : t + 1]
-            score = sum(torch.softmax(query[g, i] @ keys.T * scaling, -1) for g in range(kv * groups, (kv + 1) * groups))
+            group = range(kv * groups, (kv + 1) * groups)
+            score = sum(torch.softmax(query[g, i] @ keys.T * scaling, -1) for g in group)
             chosen = torch.topk(score, min(n, t + 1)).indices
             weights = torch.softmax(query[h, i] @ keys[chosen].T * scaling, -1)
             out[h, i] = weights @ value[kv, chosen]

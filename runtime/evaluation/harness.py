@@ -53,6 +53,8 @@ def _memory(method: Method, model, stats, batch: int) -> dict:
         "physical_over_theoretical": stats.physical_bytes / theoretical,
         "physical_over_stock": stats.physical_bytes / stock,
         "decode_tok_s": batch * stats.decode_steps / stats.decode_seconds if stats.decode_seconds > 0 else None,
+        "store_bytes": stats.store_bytes,
+        "values_read_fraction": stats.value_rows_read / stats.value_rows_held if stats.value_rows_held else None,
     }
 
 
@@ -184,6 +186,9 @@ def render(report: dict) -> str:
         extra = ""
         if "kl" in row:
             extra = f"KL {row['kl']:.4f}, top-1 {row['top1_agreement']:.3f}"
+            if row.get("store_bytes"):
+                extra += (f", values read {row['values_read_fraction']:.3f}, "
+                          f"value store {row['store_bytes'] / mib:.1f} MiB")
         elif "retention" in row and row["retention"] is not None:
             extra = f"retention {row['retention']:.3f}"
         elif "first_divergence" in row:
