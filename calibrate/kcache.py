@@ -421,8 +421,6 @@ def calibration_step(ctx) -> None:
         "error": "relative Frobenius error of the attention output, on the curve's non-increasing envelope",
         "readers": "reader queries over the owner's keys and values (unshared pass); owner's N = max over its group",
     }
-    for line in topn_table(report):
-        ctx.say("%s", line)
 
 
 __all__ = [

@@ -7,7 +7,7 @@
 
 from .plan import Plan, PlanError, fingerprint_from_model, load_plan
 from .apply import AppliedPlan, apply_plan, remove_plan
-from .cache import kept_lengths, physical_bytes, stock_bytes, theoretical_bytes
+from .cache import kept_lengths, physical_bytes, stock_bytes, store_bytes, theoretical_bytes, value_rows
 
 __all__ = [
     "Plan",
@@ -21,4 +21,6 @@ __all__ = [
     "theoretical_bytes",
     "stock_bytes",
     "kept_lengths",
+    "store_bytes",
+    "value_rows",
 ]

@@ -163,3 +163,22 @@ def test_run_stats_count_the_tokens_fed_not_what_the_cache_reports(tiny):
     assert stats.seen == 45
     _, stats = answer(model, full_cache(), ctx[:1], cont[:1], 3)
     assert stats.seen == 40 + 6 + 2
+
+
+def test_kcache_rows_report_the_value_rows_read_and_the_store(tiny, text_dir):
+    import dataclasses
+
+    model, tokenizer = tiny
+    topn = torch.tensor([0, 16, 32], dtype=torch.int32)
+    plan = dataclasses.replace(Plan.noop(model), methods=("kcache",), tensors={"kcache.topn": topn})
+    settings = EvalSettings(tasks=("lm",), **SETTINGS)
+    report = evaluate(model, tokenizer, [full_cache(), plan_method(plan, name="kc")], str(text_dir), settings)
+    rows = {r["method"]: r for r in report["rows"]}
+    kc, full = rows["kc"], rows["full"]
+    assert full["store_bytes"] == 0 and full["values_read_fraction"] == 1.0
+    seen = SETTINGS["contexts"][0] + SETTINGS["continuation"] - 1  # rows held at the last decode step, per head
+    expected = (seen + 16 + 32) / (3 * seen)  # layer 0 reads all; layers 1 and 2 read their N
+    assert kc["values_read_fraction"] == pytest.approx(expected)
+    values_per_layer = kc["physical_bytes"] / 3 / 2  # K and V of a layer are the same size (no bookkeeping)
+    assert kc["store_bytes"] >= 2 * values_per_layer * 0.99  # layers 1 and 2 keep their values in the store
+    assert "values read" in render(report)

@@ -108,3 +108,45 @@ def test_budgeted_cache_holds_fewer_bytes_on_the_device(model, calibrated):
     for layer in cache.layers:
         assert _on_device(layer.keys) and _on_device(layer.values)
     assert any(layer.kept_length() < seen for layer in budgeted)
+
+
+@pytest.mark.parametrize("base", ["alone", "pyramidinfer", "kvcompress"])
+def test_kcache_values_live_in_pinned_host_memory_and_keys_on_the_device(model, base):
+    """KCache on the device: keys stay with the model, values move to the CPU store (pinned where the model runs on
+    CUDA); top-N of the whole context is token-identical to the plan without KCache."""
+    import dataclasses
+
+    from helpers import kvcompress_plan, pyramid_plan
+
+    from runtime.plan import fingerprint_from_model
+
+    layers = model.config.num_hidden_layers
+    plain = {
+        "alone": lambda: Plan(fingerprint=fingerprint_from_model(model), methods=(), tensors={}),
+        "pyramidinfer": lambda: pyramid_plan(model, 0.5),
+        "kvcompress": lambda: kvcompress_plan(model, 0.5, [[3.0, 1.0]], block=4, slack=3),
+    }[base]()
+
+    def with_topn(n):
+        topn = torch.full((layers,), n, dtype=torch.int32)
+        return dataclasses.replace(plain, methods=(*plain.methods, "kcache"),
+                                   tensors={**plain.tensors, "kcache.topn": topn})
+
+    ids = _prompt(200)
+    with runtime.apply_plan(model, plain):
+        reference = greedy(model, ids, 16)
+    with runtime.apply_plan(model, with_topn(4096)):
+        assert torch.equal(greedy(model, ids, 16), reference)
+    cache = transformers.DynamicCache(config=model.config)
+    with runtime.apply_plan(model, with_topn(16)):
+        out = greedy(model, ids, 16, past_key_values=cache)
+    assert _on_device(out)
+    stores = [store for layer in cache.layers for store in layer.value_stores()]
+    assert len(stores) == layers
+    for layer in cache.layers:
+        assert _on_device(layer.held().keys)
+        for store in layer.value_stores():
+            assert store.buffer.device.type == "cpu"
+            assert store.buffer.is_pinned() == (KIND == "cuda")
+            assert store.last_read < store.last_held
+    assert 0 < runtime.store_bytes(cache) < runtime.physical_bytes(cache)
