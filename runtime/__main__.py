@@ -298,6 +298,8 @@ def run_generate(args, say: _Phases) -> dict:
     say(f"scoring: the plan fed the full cache's {steps} tokens (teacher-forced top-1 agreement and KL)")
     stock_cache_bytes = runtime.stock_bytes(model.config, ids.shape[1] + steps - 1, 1, dtype)
     physical = runtime.physical_bytes(cache)
+    in_store = runtime.store_bytes(cache)
+    rows_read, rows_held = runtime.value_rows(cache)
     with runtime.apply_plan(model, plan):
         forced = _forced_logits(model, ids, full_tokens, DynamicCache(config=model.config))
     seen = ids.shape[1] + steps - 1
@@ -320,7 +322,9 @@ def run_generate(args, say: _Phases) -> dict:
         "plan_target_ratio": plan.target_ratio,
         "plan_output": tokenizer.decode(plan_tokens[0], skip_special_tokens=True),
         "full_output": tokenizer.decode(full_tokens[0], skip_special_tokens=True),
-        "kv_bytes": {"physical": physical, "theoretical": theoretical, "stock": stock_cache_bytes},
+        "kv_bytes": {"physical": physical, "theoretical": theoretical, "stock": stock_cache_bytes,
+                     "value_store": in_store},
+        "value_rows_read_fraction": rows_read / rows_held if rows_held else None,
         "kv_ratio": {"physical_over_theoretical": physical / theoretical, "physical_over_stock": physical / stock_cache_bytes},
         "kept_per_layer": runtime.kept_lengths(cache),
         "fidelity": {
@@ -354,6 +358,9 @@ def _print_report(r: dict) -> None:
     print(f"| KV bytes stock DynamicCache | {kv['stock'] / mib:.2f} MiB |")
     print(f"| physical / theoretical | {ratio['physical_over_theoretical']:.3f} |")
     print(f"| physical / stock | {ratio['physical_over_stock']:.3f} |")
+    if kv.get("value_store"):
+        print(f"| of which in the KCache value store (with the model: the rest) | {kv['value_store'] / mib:.2f} MiB |")
+        print(f"| value rows the last decode step read / rows held | {r['value_rows_read_fraction']:.3f} |")
     print(f"| top-1 agreement along the full cache's continuation (teacher-forced) | {fid['top1_agreement']:.3f} |")
     print(f"| mean KL(full ‖ plan), nats | {fid['mean_kl_nats']:.4f} |")
     print(f"| greedy tokens equal to full cache (free-running) | {fid['greedy_matching_fraction']:.3f} "
