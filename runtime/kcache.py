@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .layers import Held, LayerPlan, PlanLayer, tensor_bytes
+from .layers import Held, LayerPlan, PlanLayer, RowSelection, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
 NEG_INF = float("-inf")
@@ -191,7 +191,7 @@ class ValueStore:
         return torch.matmul(weights.to(values.dtype), values)
 
 
-class OffloadedLayer(DynamicLayer, PlanLayer):
+class OffloadedLayer(RowSelection, DynamicLayer, PlanLayer):
     """A layer that keeps every token, keys with the model and values in a :class:`ValueStore` (KCache alone).
 
     ``keys`` ``[B, H_kv, T, d]`` grow like transformers' ``DynamicLayer``; ``values`` stays ``None`` once the prefill
@@ -254,15 +254,6 @@ class OffloadedLayer(DynamicLayer, PlanLayer):
             self._fresh = fn(self._fresh)
         if self.offloaded:
             self.store.replace_dense(fn(self.store.view()))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(lambda t: t[indices.to(t.device)])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     # ----- the plan-layer interface -------------------------------------------------------------------------------
     def held(self) -> Held:

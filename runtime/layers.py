@@ -171,6 +171,23 @@ class CompressingLayer(PlanLayer):
             )
 
 
+class RowSelection:
+    """``generate``'s batch-row operations (beam search, contrastive search) through one ``_select_rows(fn)``, where
+    ``fn`` maps a tensor with the batch rows first to the selected rows. Put it before transformers' layer class."""
+
+    def _select_rows(self, fn) -> None:
+        raise NotImplementedError
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
 def key_valid_from_mask(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
     """bool ``[B, T]``: keys some query may attend to (padding keys are masked in every row)."""
     if full_mask is None:
@@ -210,4 +227,4 @@ def layer_bytes(layer, by_device: bool = False) -> int | dict[str, int]:
     return tensor_bytes((getattr(layer, "keys", None), getattr(layer, "values", None)), by_device)
 
 
-__all__ = ["CompressingLayer", "ExactFn", "FullLayer", "key_valid_from_mask", "Held", "LayerPlan", "PlanLayer", "layer_bytes", "tensor_bytes"]
+__all__ = ["CompressingLayer", "RowSelection", "ExactFn", "FullLayer", "key_valid_from_mask", "Held", "LayerPlan", "PlanLayer", "layer_bytes", "tensor_bytes"]

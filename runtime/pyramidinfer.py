@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .kcache import ValueStore
-from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
+from .layers import CompressingLayer, Held, LayerPlan, RowSelection, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
 NEG_INF = float("-inf")
@@ -271,7 +271,7 @@ class DenseStorage:
         self.store = None
 
 
-class BudgetedLayer(CompressingLayer, DynamicLayer):
+class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
     """Cache layer that physically keeps a budget of the tokens it has seen (PyramidInfer).
 
     Storage: :class:`DenseStorage`. Selection: every (row, selection head) keeps ``params.budget(seen)`` of its real
@@ -336,15 +336,6 @@ class BudgetedLayer(CompressingLayer, DynamicLayer):
         self.keys, self.values = self.storage.keys, self.storage.values
         if self.real_seen is not None:
             self.real_seen = fn(self.real_seen)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(lambda t: t[indices.to(t.device)])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     # ----- the plan-layer interface -------------------------------------------------------------------------------
     def held(self) -> Held:

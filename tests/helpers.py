@@ -1,10 +1,33 @@
-"""Plan builders for runtime tests."""
+"""Plan builders and tiny models for runtime tests."""
 
 from __future__ import annotations
 
 import torch
 
 from runtime.plan import Plan, fingerprint_from_model
+
+
+def tiny_gqa_model(seed: int = 0, layers: int = 4, heads: int = 6, kv_heads: int = 2, head_dim: int = 16):
+    """A tiny random llama (conftest's config) with ``heads // kv_heads`` query heads per KV head; greedy generation
+    never stops early (no EOS) and pads with 0."""
+    import transformers
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = layers
+    config.num_attention_heads = heads
+    config.num_key_value_heads = kv_heads
+    config.head_dim = head_dim
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``[rows, length]`` random token ids of the tiny models' vocabulary (no special tokens)."""
+    return torch.randint(3, 120, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
 def pyramid_plan(model, keep, window: int = 8, sink: int = 2, **extra) -> Plan:

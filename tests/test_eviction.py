@@ -20,8 +20,7 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
-from helpers import kvcompress_plan, pyramid_plan, share_plan
+from helpers import kvcompress_plan, pyramid_plan, share_plan, tiny_gqa_model
 
 import runtime
 import runtime.attention
@@ -90,16 +89,7 @@ ATOL = 1e-5
 
 def _model(seed: int = 0):
     """A tiny random llama (conftest's config) with more layers and more query heads per KV head."""
-    config = tiny_config("llama")
-    config.num_hidden_layers = len(KEEP)
-    config.num_attention_heads = 8
-    config.num_key_value_heads = 2
-    config.head_dim = 16
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return tiny_gqa_model(seed, layers=len(KEEP), heads=8)
 
 
 def _left_padded(lengths: list[int], seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:

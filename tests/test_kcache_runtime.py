@@ -13,8 +13,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from conftest import tiny_config
-from helpers import greedy, kvcompress_plan, pyramid_plan, share_plan
+from helpers import greedy, kvcompress_plan, pyramid_plan, random_ids, share_plan, tiny_gqa_model
 
 import runtime
 from runtime.cache import cache_argument, physical_bytes
@@ -29,20 +28,10 @@ SCALE = 0.25
 
 
 def _model(seed: int = 0, layers: int = 4):
-    config = tiny_config("llama")
-    config.num_hidden_layers = layers
-    config.num_attention_heads = 6
-    config.num_key_value_heads = 2
-    config.head_dim = 16
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    return tiny_gqa_model(seed, layers)
 
 
-def _ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 120, (rows, length), generator=torch.Generator().manual_seed(seed))
+_ids = random_ids
 
 
 def with_kcache(plan: Plan, topn) -> Plan:
