@@ -30,6 +30,21 @@ def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 120, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_rows_equal_solo_runs(model, lengths: list[int], new_tokens: int, seed: int = 10) -> None:
+    """Greedy generation of a left-padded batch (row ``i``: ``lengths[i]`` random tokens, seed ``seed + i``) under
+    whatever plan is applied: every row's new tokens equal the same row generated alone."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = random_ids(1, n, seed=seed + row)
+        mask[row, width - n :] = 1
+    batch = greedy(model, ids, new_tokens, attention_mask=mask)
+    for row, n in enumerate(lengths):
+        solo = greedy(model, ids[row : row + 1, width - n :], new_tokens)
+        assert torch.equal(batch[row, width:], solo[0, n:]), f"row {row} differs from its solo run"
+
+
 def pyramid_plan(model, keep, window: int = 8, sink: int = 2, **extra) -> Plan:
     layers = model.config.num_hidden_layers
     keep = torch.as_tensor(keep, dtype=torch.float32).expand(layers).clone()

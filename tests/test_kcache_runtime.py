@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from helpers import greedy, kvcompress_plan, pyramid_plan, random_ids, share_plan, tiny_gqa_model
+from helpers import assert_rows_equal_solo_runs, greedy, kvcompress_plan, pyramid_plan, random_ids, share_plan, tiny_gqa_model
 
 import runtime
 from runtime.cache import cache_argument, physical_bytes
@@ -188,13 +188,6 @@ def test_topn_of_the_whole_context_leaves_a_composed_plan_unchanged(base):
 @pytest.mark.parametrize("base", ["alone", "pyramidinfer", "kvcompress", "kvsharer"])
 def test_padded_batch_rows_equal_their_solo_runs(base):
     model = _model(seed=2)
-    lengths = [150, 96, 121]
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = _ids(1, n, seed=10 + row)
-        mask[row, width - n :] = 1
     plan = {
         "alone": lambda: kcache_plan(model, [6, 9, 4, 12]),
         "pyramidinfer": lambda: with_kcache(pyramid_plan(model, 0.5, window=8, sink=2), [6, 9, 4, 12]),
@@ -203,10 +196,7 @@ def test_padded_batch_rows_equal_their_solo_runs(base):
         "kvsharer": lambda: with_kcache(share_plan(model, [0, 0, 2, 2]), [6, 9, 4, 12]),
     }[base]()
     with runtime.apply_plan(model, plan):
-        batch = greedy(model, ids, 25, attention_mask=mask)
-        for row, n in enumerate(lengths):
-            solo = greedy(model, ids[row : row + 1, width - n :], 25)
-            assert torch.equal(batch[row, width:], solo[0, n:]), f"row {row} differs from its solo run"
+        assert_rows_equal_solo_runs(model, [150, 96, 121], 25)
 
 
 def test_values_live_in_the_store_and_are_counted_there():

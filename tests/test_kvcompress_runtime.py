@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import transformers
-from helpers import greedy, kvcompress_plan, pyramid_plan, random_ids, tiny_gqa_model
+from helpers import assert_rows_equal_solo_runs, greedy, kvcompress_plan, pyramid_plan, random_ids, tiny_gqa_model
 
 import runtime
 from runtime.cache import cache_argument
@@ -67,19 +67,9 @@ def test_equal_shares_reproduce_the_pyramidinfer_plan_exactly():
 
 def test_padded_batch_rows_equal_their_solo_runs():
     model = _model(seed=2)
-    lengths = [240, 170, 205]
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = _ids(1, n, seed=10 + row)
-        mask[row, width - n :] = 1
     plan = kvcompress_plan(model, [0.3, 0.2, 0.4, 0.25], [[3.0, 1.0]], window=8, sink=2, block=4, slack=3)
     with runtime.apply_plan(model, plan):
-        batch = greedy(model, ids, 30, attention_mask=mask)
-        for row, n in enumerate(lengths):
-            solo = greedy(model, ids[row : row + 1, width - n :], 30)
-            assert torch.equal(batch[row, width:], solo[0, n:]), f"row {row} differs from its solo run"
+        assert_rows_equal_solo_runs(model, [240, 170, 205], 30)
 
 
 def test_each_head_holds_its_own_budget_within_one_block():
