@@ -90,9 +90,15 @@ class ValueStore:
         return self.empty(shape, dtype).zero_()
 
     def put(self, values: torch.Tensor) -> torch.Tensor:
-        """Keep a copy of ``values`` (any layout) as the whole store; returns the store's tensor."""
-        buffer = self.empty(values.shape, values.dtype)
-        buffer.copy_(values)
+        """Make ``values`` (any layout) the whole store; returns the store's tensor.
+
+        Callers hand over a tensor nobody else keeps (the prefill's values, a compaction's or a row selection's
+        result): one that already lives where the store does (its device, contiguous, pinned when the store is) is
+        kept as it is, anything else is copied in (on CUDA: the device-to-host copy)."""
+        if values.device == self.device and values.is_contiguous() and (not self.pin or values.is_pinned()):
+            buffer = values
+        else:
+            buffer = self.empty(values.shape, values.dtype).copy_(values)
         self.buffer = buffer
         self.length = values.shape[-2] if values.dim() >= 2 else 0
         return buffer
@@ -100,8 +106,9 @@ class ValueStore:
     def append(self, chunk: torch.Tensor) -> None:
         """Dense layout: append ``[B, H_kv, Q, d]`` after the used slots (grows the capacity when needed)."""
         q_len = chunk.shape[-2]
-        if self.buffer is None:
-            self.put(chunk)
+        if self.buffer is None:  # a copy: the model's tensor may be a view of a larger (fused) buffer
+            self.buffer = self.empty(chunk.shape, chunk.dtype).copy_(chunk)
+            self.length = q_len
             return
         capacity = self.buffer.shape[-2]
         if self.length + q_len > capacity:
@@ -115,10 +122,6 @@ class ValueStore:
     def view(self) -> torch.Tensor:
         """Dense layout: the used slots ``[B, H_kv, length, d]`` (a view of the store)."""
         return self.buffer[..., : self.length, :]
-
-    def replace_dense(self, values: torch.Tensor) -> None:
-        """Dense layout: the store becomes exactly ``values [B, H_kv, T, d]`` (after a compaction or row selection)."""
-        self.put(values)
 
     def clear(self) -> None:
         self.buffer = None
@@ -253,7 +256,7 @@ class OffloadedLayer(RowSelection, DynamicLayer, PlanLayer):
         if self._fresh is not None:
             self._fresh = fn(self._fresh)
         if self.offloaded:
-            self.store.replace_dense(fn(self.store.view()))
+            self.store.put(fn(self.store.view()))
 
     # ----- the plan-layer interface -------------------------------------------------------------------------------
     def held(self) -> Held:

@@ -211,9 +211,8 @@ class RaggedStorage:
             self.values[block_idx, offset] = values
         else:  # KCache: the blocks' values are written straight into the store
             home = self.store.device
-            self.values = self.store.zeros((total_blocks, blk, dim), values.dtype)
+            self.values = self.store.put(self.store.zeros((total_blocks, blk, dim), values.dtype))
             self.values[block_idx.to(home), offset.to(home)] = values.to(home)
-            self.store.buffer = self.values
         self._table = None
         self.positions[block_idx, offset] = positions.to(torch.int32)
         self.scores[block_idx, offset] = scores.float()

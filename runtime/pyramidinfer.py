@@ -245,7 +245,7 @@ class DenseStorage:
         n_kv, dim = self.keys.shape[1], self.keys.shape[3]
         idx_kv = idx[:, :, :, None].expand(-1, n_kv, -1, dim)  # H_s = 1 broadcasts to every KV head
         if self.offloaded:
-            self.store.replace_dense(self.store.view().gather(2, idx_kv.to(self.store.device)))
+            self.store.put(self.store.view().gather(2, idx_kv.to(self.store.device)))
         else:
             self.values = self.values.gather(2, idx_kv)
         self.keys = self.keys.gather(2, idx_kv)
@@ -254,7 +254,7 @@ class DenseStorage:
 
     def select_rows(self, fn) -> None:
         if self.offloaded:
-            self.store.replace_dense(fn(self.store.view()))
+            self.store.put(fn(self.store.view()))
         for name in ("keys", "values", "positions", "scores"):
             tensor = getattr(self, name)
             if tensor is not None:
