@@ -25,6 +25,22 @@ def tiny_gqa_model(seed: int = 0, layers: int = 4, heads: int = 6, kv_heads: int
     return model
 
 
+def tiny_calibration_llama(vocab_size: int, seed: int = 0):
+    """The tiny random llama the calibration tests calibrate (4 layers, GQA 2, 4096 positions, BOS 1); greedy
+    generation never stops early and pads with 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab_size, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     """``[rows, length]`` random token ids of the tiny models' vocabulary (no special tokens)."""
     return torch.randint(3, 120, (rows, length), generator=torch.Generator().manual_seed(seed))

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_calibration_llama
 from test_data import make_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import runtime
 from calibrate import kvcompress as kvc
@@ -34,15 +34,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(config).eval()
-    m.generation_config.eos_token_id = None
-    m.generation_config.pad_token_id = 0
-    return m
+    return tiny_calibration_llama(len(tokenizer))
 
 
 def _samples(n=3, length=300, seed=0, vocab=300):
