@@ -38,6 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import runtime  # noqa: E402
 from runtime.evaluation import EvalSettings, evaluate, full_cache, plan_method  # noqa: E402
+from runtime.kcache import ESTIMATORS  # noqa: E402
 from runtime.plan import Plan, PlanError  # noqa: E402
 
 
@@ -50,7 +51,9 @@ def compose(base: Plan, kcache: Plan) -> Plan:
     topn = kcache.tensors["kcache.topn"]
     error = {k: v for k, v in kcache.tensors.items() if k.startswith("kcache.")}
     methods = tuple(m for m in runtime.registry.METHODS if m in (*base.methods, "kcache"))
-    plan = dataclasses.replace(base, methods=methods, tensors={**base.tensors, **error, "kcache.topn": topn})
+    params = {**base.params, "kcache": dict(kcache.params.get("kcache", {}))}
+    plan = dataclasses.replace(base, methods=methods, params=params,
+                               tensors={**base.tensors, **error, "kcache.topn": topn})
     plan.check()
     return plan
 
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                    help="passkey depths (default: %(default)s)")
     p.add_argument("--trials", type=int, default=2, help="passkey cases per depth (default: %(default)s)")
+    p.add_argument("--estimator", action="append", default=[], choices=ESTIMATORS,
+                   help="also run the KCache plan (alone) with this estimator instead of its own (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="write the raw results here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table here")
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     if "kcache" not in kc.methods:
         p.error(f"{args.kcache} does not enable kcache")
     methods = [full_cache(), plan_method(kc, f"kcache ({_label(args.kcache)})")]
+    for estimator in args.estimator:
+        other = dataclasses.replace(kc, params={**kc.params, "kcache": {**kc.params.get("kcache", {}),
+                                                                          "estimator": estimator}})
+        methods.append(plan_method(other, f"kcache ({_label(args.kcache)}, {estimator})"))
     for path in args.base:
         base = runtime.load_plan(str(path))
         methods.append(plan_method(base, _label(path)))

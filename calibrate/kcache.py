@@ -2,10 +2,12 @@
 
 At decode time (arXiv 2404.18057) the keys stay with the model and the values live in a second store: each decode
 step of layer ``l`` scores the query against every kept key, takes the ``topn[l]`` rows per (batch row, KV head)
-and reads only those value rows; the output is the softmax renormalised over the selected set. With GQA there is
-one index set per KV head, chosen by the **sum** over the group's query heads of their softmax probabilities (query
-head ``k * G + g`` belongs to KV head ``k``, ``G = H_q / H_kv``); every query head of the group then weighs the
-selected rows with its own probabilities, renormalised over them.
+and reads only those value rows. With GQA there is one index set per KV head, chosen by the **sum** over the group's
+query heads of their softmax probabilities (query head ``k * G + g`` belongs to KV head ``k``, ``G = H_q / H_kv``);
+every query head of the group then weighs the selected rows with its own (exact) probabilities. The plan's
+``estimator`` says what it does with the mass the selection missed: ``residual_mean`` (default) gives it to the
+mean of the rows not read (the runtime knows their sum from a resident per-(row, KV head) value sum),
+``renormalise`` renormalises the weights over the selected rows. Each is calibrated with its own error.
 
 **Measurement.** For every calibration sample and full-attention layer that owns its cache, the observer takes the
 last ``queries`` query positions ``t`` (samples shorter than ``queries + GRID_START`` tokens are skipped). For each
@@ -34,7 +36,7 @@ any member is), its recorded error the worst member's. Readers own no cache: the
 ignored at run time.
 
 **Composition.** With PyramidInfer or KV-Compress in the plan, KCache selects among the tokens a layer keeps, not the
-whole context, and the runtime renormalises over the selected kept rows. Calibrating on the full context is an
+whole context, and the runtime estimates over the kept rows. Calibrating on the full context is an
 approximation: where the eviction keeps the tokens attention concentrates on (its aim), the top-``N`` of the kept
 tokens is mostly the top-``N`` of the context, and the error is close to the one measured here; it is not the same
 quantity. ``N`` is not capped by the budget: the runtime reads ``min(N, held)`` rows.
@@ -66,8 +68,8 @@ BLOCK_ELEMENTS = 1 << 21  # largest [H_q, chunk, T] float32 attention block proc
 @dataclass
 class KCacheSettings:
     """KCache's calibration parameters (recipe key ``kcache``), validated and with the defaults of the method's
-    registration (``runtime.kcache.METHOD``; it has no runtime parameters: the plan's ``params["kcache"]`` is
-    ``{}``).
+    registration (``runtime.kcache.METHOD``; its one runtime parameter, ``estimator``, goes into the plan's
+    ``params["kcache"]`` when it is not the default).
 
     Attributes:
         tolerance: largest relative error of a layer's attention output (top-N vs all values) its N may cause.
@@ -76,6 +78,7 @@ class KCacheSettings:
             the model (``topn = 0``).
     """
 
+    estimator: str
     tolerance: float
     queries: int
     flat_fraction: float
@@ -86,7 +89,7 @@ class KCacheSettings:
         return cls(**METHOD.resolve_args(args, "kcache"))
 
     def runtime_params(self) -> dict:
-        """The parameters written into the plan (none: ``{}``)."""
+        """The runtime parameters written into the plan (``estimator`` when it is not the default)."""
         return METHOD.plan_params(self.__dict__)
 
     def min_length(self) -> int:
@@ -123,7 +126,7 @@ def topn_grid(longest: int, limit: float | None = None) -> tuple[int, ...]:
 
 def topn_outputs(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, positions: torch.Tensor,
-    grid: Sequence[int],
+    grid: Sequence[int], estimator: str = "residual_mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact and top-N attention outputs of some queries, as KCache's decode step computes them.
 
@@ -134,11 +137,13 @@ def topn_outputs(
         scaling: the softmax scale.
         positions: int64 ``[c]``.
         grid: the N values.
+        estimator: the runtime's estimate from the selected rows (``runtime.kcache.estimate``): ``renormalise``
+            or ``residual_mean`` (the missed mass times the mean of the visible rows not selected).
 
     Returns:
         ``exact`` float32 ``[H_q, c, d_v]`` and ``approx`` float32 ``[len(grid), H_q, c, d_v]``: for each N, per
         (KV head, query) the N visible keys with the largest summed probability of the head's query group, weighed
-        by each query head's probabilities renormalised over them (``N >=`` visible keys: all of them, ``approx ==
+        by each query head's probabilities, as ``estimator`` says (``N >=`` visible keys: all of them, ``approx ==
         exact`` exactly).
     """
     n_q, c, dim = query.shape
@@ -162,14 +167,25 @@ def topn_outputs(
         if n >= span:  # every visible key of every query is selected
             approx[i] = exact
             continue
-        kept = (probs * (rank < n)[:, None]).view(n_kv, groups * c, span)
-        approx[i] = torch.matmul(kept, v) / kept.sum(-1, keepdim=True)
+        selected = rank < n  # [H_kv, c, span]
+        kept = (probs * selected[:, None]).view(n_kv, groups * c, span)
+        if estimator == "renormalise":
+            approx[i] = torch.matmul(kept, v) / kept.sum(-1, keepdim=True)
+            continue
+        selected = selected & visible
+        rest = (visible.float() - selected.float())  # [H_kv, c, span]: the visible rows not read
+        rest_mean = torch.matmul(rest, v) / rest.sum(-1, keepdim=True).clamp(min=1)  # [H_kv, c, d]
+        missed = (1.0 - kept.sum(-1, keepdim=True)).clamp(min=0).view(n_kv, groups, c, 1)
+        estimate = torch.matmul(kept, v).view(n_kv, groups, c, -1) + missed * rest_mean[:, None]
+        read_all = (positions.to(key.device) < n)[:, None]  # [c, 1]: a query that sees <= N keys reads them all
+        approx[i] = torch.where(read_all, exact.view(n_kv, groups, c, -1), estimate).view(n_kv, groups * c, -1)
     out_dim = value.shape[-1]
     return exact.view(n_q, c, out_dim), approx.view(len(grid), n_q, c, out_dim)
 
 
 def sample_errors(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, queries: int, grid: Sequence[int]
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, queries: int, grid: Sequence[int],
+    estimator: str = "residual_mean",
 ) -> tuple[torch.Tensor, float]:
     """Squared top-N output errors of the last ``queries`` queries of one sample.
 
@@ -190,7 +206,7 @@ def sample_errors(
     for start in range(first, length, chunk):
         positions = torch.arange(start, min(start + chunk, length))
         q = query[0, :, start : start + positions.numel()]
-        exact, approx = topn_outputs(q, key, value, scaling, positions, grid)
+        exact, approx = topn_outputs(q, key, value, scaling, positions, grid, estimator)
         errors += (approx - exact).double().square().sum(dim=(1, 2, 3)).cpu()
         norm += float(exact.double().square().sum())
     return errors, norm
@@ -221,6 +237,7 @@ class TopNErrorObserver:
     observed: list[bool]
     min_length: int = 1
     sources: list[int] | None = None
+    estimator: str = "residual_mean"
     errors: torch.Tensor = field(init=False)
     norms: torch.Tensor = field(init=False)
     counts: torch.Tensor = field(init=False)
@@ -247,7 +264,7 @@ class TopNErrorObserver:
             if owner not in self._held:
                 raise RuntimeError(f"kcache: layer {layer_idx} reads layer {owner}, whose keys were not seen first")
             key, value = self._held[owner]
-        errors, norm = sample_errors(query, key, value, scaling, self.queries, self.grid)
+        errors, norm = sample_errors(query, key, value, scaling, self.queries, self.grid, self.estimator)
         self.errors[layer_idx] += errors
         self.norms[layer_idx] += norm
         self.counts[layer_idx] += 1
@@ -366,7 +383,7 @@ def calibration_step(ctx) -> None:
     grid = topn_grid(max(lengths), limit)
     observer = TopNErrorObserver(
         n_layers, grid, settings.queries, observed=full, min_length=settings.min_length(),
-        sources=None if search is None else sources,
+        sources=None if search is None else sources, estimator=settings.estimator,
     )
     ctx.pass_seconds += run_calibration_pass(ctx.model, run, [observer], progress=ctx.bar("kcache: top-N output error"))
 
@@ -393,6 +410,7 @@ def calibration_step(ctx) -> None:
     ctx.tensors["kcache.output_error"] = output_error.float()
     ctx.params["kcache"] = settings.runtime_params()
     report = {
+        "estimator": settings.estimator,
         "tolerance": settings.tolerance,
         "queries": settings.queries,
         "flat_fraction": settings.flat_fraction,

@@ -64,9 +64,9 @@ def _build_layer(spec: LayerPlan, layers: list):
     if not spec.owns_cache:
         return SharedLayer(spec.source, layers[spec.source])
     if spec.selection is not None:
-        return spec.selection.make_layer(readers=spec.readers, topn=spec.topn)
+        return spec.selection.make_layer(readers=spec.readers, topn=spec.topn, estimator=spec.topn_estimator)
     if spec.topn > 0:
-        return OffloadedLayer(spec.topn, readers=spec.readers)
+        return OffloadedLayer(spec.topn, readers=spec.readers, estimator=spec.topn_estimator)
     if spec.readers:
         return FullLayer()
     return None
@@ -156,25 +156,45 @@ def stock_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = 
     return total * batch_size
 
 
+def theoretical_layers(plan: Plan, config, seq_len: int) -> list[tuple[LayerPlan, float]]:
+    """Per layer, what the plan asks of it and the tokens it holds per (row, KV head) after ``seq_len`` real tokens
+    in theory (0 for a sharing layer: it reads its source's cache; sliding layers capped at their window)."""
+    window = getattr(_text_config(config), "sliding_window", None)
+    out = []
+    for spec in layer_plans(plan, config):
+        if not spec.owns_cache:
+            held = 0
+        elif spec.selection is not None:
+            held = spec.selection.theoretical_tokens(seq_len)
+        elif spec.kind != "full_attention" and window:
+            held = min(seq_len, window)
+        else:
+            held = seq_len
+        out.append((spec, held))
+    return out
+
+
 def theoretical_bytes(
     plan: Plan, config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32
 ) -> int:
     """K/V bytes the plan says the cache holds after ``seq_len`` real tokens per row (no bookkeeping, no slack)."""
-    cfg = _text_config(config)
-    window = getattr(cfg, "sliding_window", None)
     per_token = _bytes_per_token(config, dtype)
     total = 0
-    for spec in layer_plans(plan, config):
-        kind = spec.kind
-        if not spec.owns_cache:
-            held = 0  # a sharing layer reads its source's cache
-        elif spec.selection is not None:
-            held = spec.selection.theoretical_tokens(seq_len)
-        elif kind != "full_attention" and window:
-            held = min(seq_len, window)
-        else:
-            held = seq_len
+    for _, held in theoretical_layers(plan, config, seq_len):
         total += held * per_token
+    return round(total * batch_size)
+
+
+def theoretical_store_bytes(
+    plan: Plan, config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32
+) -> int:
+    """The part of :func:`theoretical_bytes` that KCache moves to its value store: the values of every layer that
+    owns its cache and has ``topn > 0`` (moved off the model's device, not removed; the rest stays with the model)."""
+    per_value = _bytes_per_token(config, dtype) // 2
+    total = 0
+    for spec, held in theoretical_layers(plan, config, seq_len):
+        if spec.owns_cache and spec.topn > 0:
+            total += held * per_value
     return round(total * batch_size)
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .kcache import ValueStore, top_slots
+from .kcache import ValueStore, check_estimator, estimate, top_slots
 from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
@@ -89,8 +89,8 @@ class HeadParams:
             return 0.0
         return float(self.budget(torch.tensor(seen)).double().mean())
 
-    def make_layer(self, readers: int = 0, topn: int = 0) -> "RaggedLayer":
-        return RaggedLayer(self, readers=readers, topn=topn)
+    def make_layer(self, readers: int = 0, topn: int = 0, estimator: str = "residual_mean") -> "RaggedLayer":
+        return RaggedLayer(self, readers=readers, topn=topn, estimator=estimator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,6 +213,8 @@ class RaggedStorage:
             home = self.store.device
             self.values = self.store.put(self.store.zeros((total_blocks, blk, dim), values.dtype))
             self.values[block_idx.to(home), offset.to(home)] = values.to(home)
+            sums = torch.zeros(segments, dim, dtype=torch.float32, device=values.device)
+            self.store.sums = sums.index_add_(0, seg.to(values.device), values.float()).to(device)  # [S, d]
         self._table = None
         self.positions[block_idx, offset] = positions.to(torch.int32)
         self.scores[block_idx, offset] = scores.float()
@@ -239,13 +241,16 @@ class RaggedStorage:
             tensor = getattr(self, name)
             setattr(self, name, tensor[idx.to(tensor.device)])
         if self.store is not None:
+            sums = self.store.sums
             self.values = self.store.put(self.values)
+            self.store.sums = None if sums is None else sums[sel.to(sums.device)]
         self.block_seg = torch.repeat_interleave(torch.arange(sel.numel(), device=sel.device), counts)
         self.lengths = self.lengths[sel]
         self._table = None
 
     def tensors(self) -> tuple:
-        return (self.keys, self.values, self.positions, self.scores, self.block_seg, self.lengths)
+        resident = self.store.resident() if self.store is not None else ()
+        return (self.keys, self.values, self.positions, self.scores, self.block_seg, self.lengths, *resident)
 
     def clear(self) -> None:
         self.keys = self.values = self.positions = self.scores = self.block_seg = self.lengths = None
@@ -263,6 +268,7 @@ def ragged_attend(
     scaling: float,
     metric: str = "l2",
     topn: int = 0,
+    estimator: str = "residual_mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact attention of ``query`` over a ragged body plus a dense tail, and each slot's vote.
 
@@ -275,9 +281,9 @@ def ragged_attend(
         scaling: softmax scale.
         metric: ``l2``: the votes are squared probabilities, ``l1``: probabilities.
         topn: KCache (``body.store`` set): a single query per row reads only the ``topn`` value rows per (row, KV
-            head) of largest probability summed over the group's query heads, body and tail together, weights
-            renormalised over them (:func:`_topn_readout`); a longer chunk, or ``topn`` at least what a head holds,
-            reads every row. Keys, scores and votes are always exact.
+            head) of largest probability summed over the group's query heads, body and tail together, the output
+            estimated from them by ``estimator`` (:func:`_topn_readout`); a longer chunk, or ``topn`` at least what
+            a head holds, reads every row. Keys, scores and votes are always exact.
 
     Returns:
         output ``[B, Q, H_q, d]`` (the layout transformers' attention functions return), body votes float32
@@ -312,7 +318,8 @@ def ragged_attend(
     store = body.store
     held_rows = body.keys.shape[0] * body.block + segs * n_tail
     if store is not None and 0 < topn and q_len == 1 and topn < body.block_table().shape[1] * body.block + n_tail:
-        result = _topn_readout(exp_b, exp_t, inv, body, tail_values, topn, work).to(query.dtype)
+        result = _topn_readout(exp_b, exp_t, inv, body, tail_values, tail_allowed, topn, work, estimator)
+        result = result.to(query.dtype)
     else:
         body_values = body.values
         if store is not None:
@@ -335,15 +342,18 @@ def ragged_attend(
 
 def _topn_readout(
     exp_b: torch.Tensor, exp_t: torch.Tensor, inv: torch.Tensor, body: RaggedStorage, tail_values: torch.Tensor,
-    topn: int, work: torch.dtype,
+    tail_allowed: torch.Tensor | None, topn: int, work: torch.dtype, estimator: str = "residual_mean",
 ) -> torch.Tensor:
     """KCache over ragged storage: per segment, the ``topn`` slots (body and tail) of largest probability summed over
-    the segment's query heads; one gather of their value rows from the store; softmax renormalised over them.
+    the segment's query heads; one gather of their value rows from the store; the output estimated from them
+    (``runtime.kcache.estimate``: ``residual_mean`` with the store's per-segment value sums plus the tail's, or
+    ``renormalise``).
 
     Args:
         exp_b: ``[N, GQ, block]`` / exp_t: ``[S, GQ, n]``: unnormalised probabilities (``exp(logit - max)``, 0 for
             empty or masked slots) of body blocks and tail; inv: ``[S, GQ]`` their softmax normalisers.
-        tail_values: ``[B, H_kv, n, d]`` (with the model).
+        tail_values: ``[B, H_kv, n, d]`` (with the model); tail_allowed: bool ``[B, 1, n]`` the real tail tokens, or
+            None (all).
 
     Returns:
         ``[S, GQ, d]`` in ``work`` dtype.
@@ -365,16 +375,26 @@ def _topn_readout(
     slot = torch.where(in_body, safe.gather(1, col) * blk + sel % blk, 0) if width else torch.zeros_like(sel)
     weights = exp_b.transpose(1, 2).reshape(n_blocks * blk, gq)[slot]  # [S, k, GQ]
     values = body.store.fetch(body.values, slot).to(work)  # [S, k, d]: the only value rows read from the store
+    tail = tail_values.to(work).reshape(segs, n_tail, -1)
     if n_tail:
         t_idx = torch.where(in_body, 0, sel - width * blk)
         weights_t = exp_t.transpose(1, 2).gather(1, t_idx[..., None].expand(segs, topn, gq))
-        values_t = tail_values.to(work).reshape(segs, n_tail, -1).gather(1, t_idx[..., None].expand(-1, -1, values.shape[-1]))
+        values_t = tail.gather(1, t_idx[..., None].expand(-1, -1, values.shape[-1]))
         weights = torch.where(in_body[..., None], weights, weights_t)
         values = torch.where(in_body[..., None], values, values_t)
     weights = weights * real[..., None]
     body.store.count(segs * topn, n_blocks * blk + segs * n_tail)
-    out = torch.bmm(weights.transpose(1, 2), values)  # [S, GQ, d]
-    return out / weights.sum(dim=1).clamp(min=torch.finfo(work).tiny)[..., None]
+    weights = weights.transpose(1, 2) * inv[:, :, None]  # [S, GQ, k]: exact probabilities of the selected slots
+    if estimator != "residual_mean":
+        return estimate(weights, values, None, None)
+    n_kv = segs // tail_values.shape[0]
+    if tail_allowed is None:
+        tail_real = torch.ones(segs, n_tail, dtype=torch.bool, device=tail.device)
+    else:
+        tail_real = tail_allowed[:, -1, None, :].expand(-1, n_kv, n_tail).reshape(segs, n_tail)
+    sums = body.store.sums + (tail * tail_real[..., None]).sum(dim=1, dtype=torch.float32)  # [S, d]
+    count = body.lengths + tail_real.sum(dim=-1)  # [S]
+    return estimate(weights, values, sums, count)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,11 +414,13 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
     would alone.
     """
 
-    def __init__(self, params: HeadParams, readers: int = 0, topn: int = 0):
+    def __init__(self, params: HeadParams, readers: int = 0, topn: int = 0, estimator: str = "residual_mean"):
         super().__init__()
+        check_estimator(estimator)
         self.params = params
         self.readers = readers
         self.topn = int(topn)  # KCache: value rows a decode step reads per (row, KV head); 0 = values stay
+        self.estimator = estimator
         self.body = RaggedStorage(params.block)
         self._tail_k: torch.Tensor | None = None  # [B, H_kv, capacity, d]; the first n_tail slots are used
         self._tail_v: torch.Tensor | None = None
@@ -598,7 +620,7 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
             q_len = query.shape[2]
             allowed = self._tail_allowed(full_mask, q_len)
             out, votes_b, votes_t = ragged_attend(query, self.body, self.tail_keys, self.tail_values, allowed,
-                                                  scaling, self.params.metric, self.topn)
+                                                  scaling, self.params.metric, self.topn, self.estimator)
             self._pending = {"prefill": False, "allowed": allowed, "q_len": q_len, "votes": [(votes_b, votes_t)]}
         if self.readers == 0:
             self._finish_step()
@@ -615,7 +637,8 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
             pending["votes"].append(self._prefill_votes(query, pending["valid"], scaling))
         else:
             out, votes_b, votes_t = ragged_attend(query, self.body, self.tail_keys, self.tail_values,
-                                                  pending["allowed"], scaling, self.params.metric, self.topn)
+                                                  pending["allowed"], scaling, self.params.metric, self.topn,
+                                                  self.estimator)
             pending["votes"].append((votes_b, votes_t))
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()

@@ -58,10 +58,12 @@ class LayerPlan:
         source: the layer whose cache this layer reads (its own index when it owns its cache; KVSharer).
         readers: how many later layers read this layer's cache.
         selection: the token budget of the layer's own cache (PyramidInfer's ``PyramidParams``, KV-Compress's
-            ``HeadParams``: anything with ``make_layer(readers, topn)`` and ``theoretical_tokens(seen)``), or None
+            ``HeadParams``: anything with ``make_layer(readers, topn, estimator)`` and ``theoretical_tokens(seen)``), or None
             when it keeps everything it sees. Ignored for a sharing layer (its source's selection applies).
         topn: KCache: value rows a decode step reads per (row, KV head), its values in a second store; 0 keeps the
             values with the model. Ignored for a sharing layer (it reads its source's store).
+        topn_estimator: KCache: how a decode step estimates the output from the rows it read (``residual_mean`` or
+            ``renormalise``; ``runtime.kcache.estimate``).
     """
 
     index: int
@@ -70,6 +72,7 @@ class LayerPlan:
     readers: int = 0
     selection: Any = None
     topn: int = 0
+    topn_estimator: str = "residual_mean"
 
     @property
     def owns_cache(self) -> bool:

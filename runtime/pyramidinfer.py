@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .kcache import ValueStore
+from .kcache import ValueStore, check_estimator
 from .layers import CompressingLayer, Held, LayerPlan, RowSelection, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
@@ -66,8 +66,8 @@ class PyramidParams:
         """Tokens held per KV head after ``seen`` real tokens (for memory accounting)."""
         return float(theoretical_kept(seen, self))
 
-    def make_layer(self, readers: int = 0, topn: int = 0) -> "BudgetedLayer":
-        return BudgetedLayer(self, readers=readers, topn=topn)
+    def make_layer(self, readers: int = 0, topn: int = 0, estimator: str = "residual_mean") -> "BudgetedLayer":
+        return BudgetedLayer(self, readers=readers, topn=topn, estimator=estimator)
 
     def slack_for(self, budget):
         """Tokens allowed above ``budget`` (an int, or an int64 tensor of per-row budgets) before compacting."""
@@ -149,14 +149,15 @@ def attend(
     head_reduce: str = "mean",
     per_kv_head: bool = False,
     topn: int = 0,
+    estimator: str = "residual_mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain attention over what a layer holds, returning the output and the head-reduced probabilities.
 
     Args:
         query: ``[B, H_q, Q, d]``; keys/values: ``[B, H_kv, T, d]`` (grouped-query heads are not copied).
             ``values`` may instead be the layer's KCache :class:`ValueStore`: a single query per row then reads only
-            the ``topn`` rows per (row, KV head) it attends to most (``ValueStore.topn_output``), a longer chunk
-            reads them all.
+            the ``topn`` rows per (row, KV head) it attends to most (``ValueStore.topn_output``, with ``estimator``),
+            a longer chunk reads them all.
         allowed: bool ``[B, H_s, Q, T]`` (``H_s`` 1 or ``H_kv``).
 
     Returns:
@@ -172,7 +173,8 @@ def attend(
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     flat = probs.view(bsz, n_kv, groups * q_len, total)
     if isinstance(values, ValueStore):
-        out = values.topn_output(flat, topn if q_len == 1 else total).to(query.dtype)
+        count = allowed[:, :, -1].sum(dim=-1) if estimator == "residual_mean" else None  # [B, H_s] real tokens
+        out = values.topn_output(flat, topn if q_len == 1 else total, count).to(query.dtype)
     else:
         out = torch.matmul(flat.to(values.dtype), values)
     out = out.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
@@ -201,8 +203,9 @@ class DenseStorage:
         return self.store is not None and self.values is None and self.keys is not None
 
     def offload(self, store: ValueStore) -> None:
-        """KCache: move the values to ``store`` (same layout ``[B, H_kv, T, d]``); the model-side copy is freed."""
-        store.put(self.values)
+        """KCache: move the values to ``store`` (same layout ``[B, H_kv, T, d]``; empty slots zeroed); the
+        model-side copy is freed."""
+        store.put(self.values, valid=self.valid())
         self.store, self.values = store, None
 
     def attention_values(self):
@@ -244,24 +247,24 @@ class DenseStorage:
         """Keep slots ``idx`` int64 ``[B, H_s, W]`` (ascending); slots where ``kept`` is False become empty."""
         n_kv, dim = self.keys.shape[1], self.keys.shape[3]
         idx_kv = idx[:, :, :, None].expand(-1, n_kv, -1, dim)  # H_s = 1 broadcasts to every KV head
-        if self.offloaded:
-            self.store.put(self.store.view().gather(2, idx_kv.to(self.store.device)))
-        else:
-            self.values = self.values.gather(2, idx_kv)
         self.keys = self.keys.gather(2, idx_kv)
         self.positions = self.positions.gather(-1, idx)
         self.scores = self.scores.gather(-1, idx).masked_fill(~kept, NEG_INF)
+        if self.offloaded:
+            self.store.put(self.store.view().gather(2, idx_kv.to(self.store.device)), valid=self.valid())
+        else:
+            self.values = self.values.gather(2, idx_kv)
 
     def select_rows(self, fn) -> None:
         if self.offloaded:
-            self.store.put(fn(self.store.view()))
+            self.store.select_rows(fn)
         for name in ("keys", "values", "positions", "scores"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
 
     def tensors(self) -> tuple:
-        store = self.store.tensors() if self.offloaded else ()
+        store = (*self.store.tensors(), *self.store.resident()) if self.offloaded else ()
         return (self.keys, self.values, self.positions, self.scores, *store)
 
     def clear(self) -> None:
@@ -281,11 +284,13 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
     the tokens *seen*, so positions and masks stay those of the full sequence; ``kept_length()`` is the width held.
     """
 
-    def __init__(self, params: PyramidParams, readers: int = 0, topn: int = 0):
+    def __init__(self, params: PyramidParams, readers: int = 0, topn: int = 0, estimator: str = "residual_mean"):
         super().__init__()
+        check_estimator(estimator)
         self.params = params
         self.readers = readers  # KVSharer: later layers that attend over this layer's cache
         self.topn = int(topn)  # KCache: value rows a decode step reads per (row, KV head); 0 = values stay
+        self.estimator = estimator
         self.storage = DenseStorage(params.selection_heads)
         self._pending: dict | None = None  # this step's votes while readers still have to attend
         self.seen = 0
@@ -379,7 +384,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         else:
             allowed = self._allowed(full_mask, query.shape[2])
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), allowed, scaling,
-                                p.head_reduce, p.per_kv_head, self.topn)
+                                p.head_reduce, p.per_kv_head, self.topn, self.estimator)
             self._pending = {"prefill": False, "allowed": allowed, "votes": [probs]}
         if self.readers == 0:
             self._finish_step()
@@ -402,7 +407,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             pending["votes"].append(self._prefill_scores(query, full_mask, scaling))
         else:
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), pending["allowed"],
-                                scaling, p.head_reduce, p.per_kv_head, self.topn)
+                                scaling, p.head_reduce, p.per_kv_head, self.topn, self.estimator)
             pending["votes"].append(probs)
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()

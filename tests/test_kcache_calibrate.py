@@ -36,9 +36,10 @@ def model(tokenizer):
     return tiny_calibration_llama(len(tokenizer))
 
 
-def _reference(query, key, value, scaling, positions, n):
+def _reference(query, key, value, scaling, positions, n, estimator="renormalise"):
     """Plain loops: per KV head and query, the top-n keys by the group's summed probabilities; each query head's
-    softmax over its own logits restricted to them (the renormalised probabilities)."""
+    softmax over its own logits restricted to them (the renormalised probabilities); ``residual_mean``: that times
+    the mass the keys hold, plus the rest of the mass times the mean value of the other visible keys."""
     n_q, c, _ = query.shape
     groups = n_q // key.shape[0]
     out = torch.empty_like(query)
@@ -51,21 +52,28 @@ def _reference(query, key, value, scaling, positions, n):
             chosen = torch.topk(score, min(n, t + 1)).indices
             weights = torch.softmax(query[h, i] @ keys[chosen].T * scaling, -1)
             out[h, i] = weights @ value[kv, chosen]
+            if estimator == "residual_mean":
+                mass = torch.softmax(query[h, i] @ keys.T * scaling, -1)[chosen].sum()
+                rest = torch.ones(t + 1, dtype=torch.bool)
+                rest[chosen] = False
+                mean = value[kv, : t + 1][rest].mean(0) if rest.any() else torch.zeros(value.shape[-1])
+                out[h, i] = mass * out[h, i] + (1 - mass) * mean
     return out
 
 
 # ------------------------------------------------------------------------------------------------- top-N output
 
 
-def test_topn_output_matches_a_plain_loop_and_is_exact_once_every_key_is_read():
+@pytest.mark.parametrize("estimator", ["residual_mean", "renormalise"])
+def test_topn_output_matches_a_plain_loop_and_is_exact_once_every_key_is_read(estimator):
     torch.manual_seed(1)
     q, k, v = torch.randn(6, 5, 8), torch.randn(2, 50, 8), torch.randn(2, 50, 8)
     positions = torch.tensor([3, 17, 24, 40, 49])
     grid = (1, 4, 16, 24, 48, 64)
-    exact, approx = kc.topn_outputs(q, k, v, 0.4, positions, grid)
+    exact, approx = kc.topn_outputs(q, k, v, 0.4, positions, grid, estimator)
     assert exact.shape == (6, 5, 8) and approx.shape == (6, 6, 5, 8) and approx.dtype == torch.float32
     for i, n in enumerate(grid):
-        assert torch.allclose(approx[i], _reference(q, k, v, 0.4, positions, n), atol=1e-5), n
+        assert torch.allclose(approx[i], _reference(q, k, v, 0.4, positions, n, estimator), atol=1e-5), n
     assert torch.allclose(exact, _reference(q, k, v, 0.4, positions, 50), atol=1e-5)
     assert torch.equal(approx[-1], exact)  # N >= every query's visible keys: all of them, exactly
     assert torch.equal(approx[1][:, 0], exact[:, 0])  # the query at position 3 sees 4 keys: N = 4 reads all
@@ -80,7 +88,7 @@ def test_gqa_selection_is_one_set_per_kv_head_chosen_by_the_groups_summed_probab
         [0, 0, 0, 12.0],  # KV head 1: the group's sum picks key 3 ...
         [0, 0, 9.0, 0],  # ... over head 3's own favourite, key 2
     ])[:, None, :]
-    _, approx = kc.topn_outputs(query, key, value, 1.0, torch.tensor([3]), (1,))
+    _, approx = kc.topn_outputs(query, key, value, 1.0, torch.tensor([3]), (1,), "renormalise")
     expected = torch.stack([value[0, 0], value[0, 0], value[1, 3], value[1, 3]])
     assert torch.allclose(approx[0, :, 0], expected)
     # each head on its own would have picked keys 0, 1, 3, 2: the set is per KV head, not per query head
@@ -127,7 +135,7 @@ def test_a_dominant_key_needs_a_small_n_flat_attention_keeps_v_and_curves_fall_t
     flat_key = torch.ones_like(key)  # every key equal: uniform attention
     grid = kc.topn_grid(400)
     assert grid[:4] == (16, 24, 32, 48) and grid[-1] == 384
-    obs = kc.TopNErrorObserver(3, grid, 8, [True] * 3, min_length=24)
+    obs = kc.TopNErrorObserver(3, grid, 8, [True] * 3, min_length=24, estimator="renormalise")
     _observe(obs, 0, q_dominant, key, value)
     _observe(obs, 1, q_spread, key, value)
     _observe(obs, 2, q_dominant, flat_key, value)
@@ -146,6 +154,12 @@ def test_a_dominant_key_needs_a_small_n_flat_attention_keeps_v_and_curves_fall_t
     assert kc.choose_topn(curves, grid, 0.02, limit=64).tolist() == [16, 0, 0]  # over the flat limit: keeps V
     errors = kc.error_at(curves, grid, topn)
     assert float(errors[0]) == pytest.approx(float(curves[0, 0])) and float(errors[2]) == 0.0
+    # residual_mean: uniform attention is the mean of the rows, which the resident sum gives without reading them
+    residual = kc.TopNErrorObserver(2, grid, 8, [True] * 2, min_length=24)
+    _observe(residual, 0, q_dominant, flat_key, value)
+    _observe(residual, 1, q_spread, key, value)
+    assert float(residual.curves()[0].max()) < 1e-5 and kc.choose_topn(residual.curves(), grid, 0.02, 200)[0] == 16
+    assert float(residual.curves()[1, 0]) < float(curves[1, 0])  # and it misses less than renormalising
     # the curve of a layer is 0 from the first N that reads all visible keys on
     full = kc.TopNErrorObserver(1, (16, 384, 400, 512), 8, [True])
     _observe(full, 0, q_spread, key, value)

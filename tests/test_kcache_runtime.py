@@ -61,9 +61,11 @@ def _exact(query):
     return exact
 
 
-def reference_topn(query, keys, values, valid, topn):
+def reference_topn(query, keys, values, valid, topn, estimator="renormalise"):
     """``[B, 1, H_q, d]``: per (row, KV head), SDPA over the ``topn`` valid rows of largest probability summed over
-    the group's query heads (a plain loop, independent of the runtime's vectorised code)."""
+    the group's query heads (a plain loop, independent of the runtime's vectorised code). ``residual_mean``: that
+    output weighed by the probability mass the rows hold, plus the rest of the mass times the plain mean of the
+    valid rows not selected."""
     bsz, n_q, _, dim = query.shape
     n_kv = keys.shape[1]
     groups = n_q // n_kv
@@ -76,8 +78,14 @@ def reference_topn(query, keys, values, valid, topn):
             score = torch.softmax(q @ k.T * SCALE, dim=-1).sum(dim=0)
             pick = score.topk(min(topn, rows.numel())).indices
             ref = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[pick][None], v[pick][None],
-                                                                   scale=SCALE)
-            out[b, 0, h * groups : (h + 1) * groups] = ref[:, 0]
+                                                                   scale=SCALE)[:, 0]  # [G, d]
+            if estimator == "residual_mean":
+                mass = torch.softmax(q @ k.T * SCALE, dim=-1)[:, pick].sum(dim=-1, keepdim=True)  # [G, 1]
+                rest = torch.ones(rows.numel(), dtype=torch.bool)
+                rest[pick] = False
+                mean = v[rest].mean(dim=0) if rest.any() else torch.zeros(dim)
+                ref = mass * ref + (1 - mass) * mean
+            out[b, 0, h * groups : (h + 1) * groups] = ref
     return out
 
 
@@ -104,24 +112,59 @@ def _valid(held, n_kv):
 
 
 LAYERS = {
-    "alone": lambda n: OffloadedLayer(n) if n else FullLayer(),
-    "pyramidinfer": lambda n: PyramidParams(keep=0.5, window=4, sink=2, slack=2, pool=1, head_reduce="mean")
-    .make_layer(topn=n),
-    "kvcompress": lambda n: HeadParams(fractions=(0.6, 0.3), window=4, sink=2, pool=1, metric="l2", block=4, slack=3)
-    .make_layer(topn=n),
+    "alone": lambda n, e="residual_mean": OffloadedLayer(n, estimator=e) if n else FullLayer(),
+    "pyramidinfer": lambda n, e="residual_mean": PyramidParams(keep=0.5, window=4, sink=2, slack=2, pool=1,
+                                                               head_reduce="mean").make_layer(topn=n, estimator=e),
+    "kvcompress": lambda n, e="residual_mean": HeadParams(fractions=(0.6, 0.3), window=4, sink=2, pool=1, metric="l2",
+                                                          block=4, slack=3).make_layer(topn=n, estimator=e),
 }
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("topn", [1, 5, 12])
-def test_topn_readout_equals_sdpa_over_the_same_rows(kind, topn):
-    layer = LAYERS[kind](topn)
+@pytest.mark.parametrize("estimator", ["residual_mean", "renormalise"])
+def test_topn_readout_equals_sdpa_over_the_same_rows(kind, topn, estimator):
+    layer = LAYERS[kind](topn, estimator)
     for held, query, out in _layer_case(layer):
-        ref = reference_topn(query, held.keys, held.values, _valid(held, 2), topn)
+        ref = reference_topn(query, held.keys, held.values, _valid(held, 2), topn, estimator)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     store = layer.value_stores()[0]
     assert store.last_read == 2 * 2 * topn  # rows x KV heads x N
     assert store.last_read < store.last_held
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_residual_sums_follow_evictions_and_row_selections(kind):
+    """The resident value sums stay those of what each (row, KV head) holds through compactions/merges (5 steps
+    with slack 2-3), a beam reorder and a row repeat: the next readout still equals the reference."""
+    layer = LAYERS[kind](5)
+    for _ in _layer_case(layer, steps=5):
+        pass
+    layer.reorder_cache(torch.tensor([1, 0]))
+    layer.batch_repeat_interleave(2)  # rows 1, 1, 0, 0
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        k1, v1 = torch.randn(4, 2, 1, 8, generator=g), torch.randn(4, 2, 1, 8, generator=g)
+        q1 = torch.randn(4, 6, 1, 8, generator=g)
+        layer.update(k1, v1)
+        held = layer.held()
+        out = layer.attention(q1, None, SCALE, _exact(q1))
+        ref = reference_topn(q1, held.keys, held.values, _valid(held, 2), 5, "residual_mean")
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_adds_nothing_to_the_resident_sums():
+    layer = OffloadedLayer(3)
+    g = torch.Generator().manual_seed(3)
+    k0, v0 = torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    mask = torch.ones(2, 1, 10, 10, dtype=torch.bool).tril()
+    mask[1, :, :, :4] = False  # row 1: four left-padding tokens
+    layer.update(k0, v0)
+    layer.attention(torch.randn(2, 6, 10, 8, generator=g), mask, SCALE, lambda k, v: torch.zeros(2, 10, 6, 8))
+    expected = v0.sum(dim=2)
+    expected[1] = v0[1, :, 4:].sum(dim=1)
+    torch.testing.assert_close(layer.store.sums, expected)
+    assert torch.equal(layer.store.view()[1, :, :4], torch.zeros(2, 4, 8))
 
 
 @pytest.mark.parametrize("kind", list(LAYERS))
