@@ -1,13 +1,15 @@
-"""``python -m runtime generate | eval``: generate with a plan and print what it saved; score it.
+"""``python -m runtime generate | eval | inspect``: generate with a plan and print what it saved; score it; show it.
 
     python -m runtime generate --plan plan.safetensors            # model taken from the plan's recipe
     python -m runtime generate smollm2-135m --plan plan.safetensors --prompt-file doc.txt
     python -m runtime eval --plan plan.safetensors --data essays/ --tasks lm,passkey --context 2048
+    python -m runtime inspect plan.safetensors --png plan.png    # what the plan holds, no model loaded
 
 ``generate`` runs the same greedy generation twice — full cache, then the plan — and prints the plan's output, the
 KV bytes the plan's cache physically holds vs the plan's theoretical bytes vs a stock cache, fidelity to the full
 cache (top-1 agreement and KL along the full cache's own continuation, greedy agreement) and decode speed.
-``eval`` scores the plan against the full cache on long-context tasks and prints one table.
+``eval`` scores the plan against the full cache on long-context tasks and prints one table. ``inspect`` prints what
+a plan holds (model, methods, one row per layer, sharing map, theoretical KV bytes, provenance) and can draw it.
 
 The report goes to stdout; progress (phases, bars) and errors go to stderr (``-q``: no progress). An error is one
 line on stderr (``-v``: with its traceback). Exit codes: 0 success, 1 failure, 2 bad command line.
@@ -49,16 +51,28 @@ EVAL_LEGEND = _KV_LEGEND.format(who="method's") + """
 - continuation: free-running greedy outputs compared token by token with the full cache's (fraction of matching
   tokens; extra: mean position of the first divergence).
 - leval: exact match on option letters, token F1 otherwise."""
+INSPECT_LEGEND = """\
+- kept: fraction of the context a layer keeps (PyramidInfer's layer_keep, or the mean of KV-Compress's per-head
+  fractions; 1 without either); tokens@N: tokens it holds per row and KV head after N tokens (0: a KVSharer layer
+  that reads another layer's cache; sliding-window layers hold at most their window).
+- head shares: each KV head's share of its layer's budget (KV-Compress; * keeps the whole context); top-N: value
+  rows a KCache decode step reads per KV head (all: every row, the values stay with the model).
+- KV bytes: the theoretical K/V bytes the runtime reports (no bookkeeping) vs a stock full cache, computed from the
+  plan alone; KCache's values are moved to a second store (CPU memory), not removed: counted apart.
+- exit codes: 0 success, 1 failure (e.g. the picture cannot be written), 2 bad input (missing file, not a plan,
+  bad option)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime",
-        description="Apply a kvplan plan inside generate (generate), or score it against the full cache (eval).",
+        description="Apply a kvplan plan inside generate (generate), score it against the full cache (eval), or "
+        "show what it holds (inspect).",
         formatter_class=HelpFormatter,
-        epilog="'python -m runtime generate --help' and 'python -m runtime eval --help' list each command's options.",
+        epilog="'python -m runtime generate --help', 'python -m runtime eval --help' and 'python -m runtime inspect "
+        "--help' list each command's options.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,eval,inspect}")
     g = sub.add_parser(
         "generate", help="generate with and without a plan; print memory, fidelity and speed",
         description="Run the same greedy generation with the full cache and with the plan (best of two interleaved "
@@ -112,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="also write the report as JSON here")
     e.add_argument("-q", "--quiet", action="store_true", help="only the table on stdout, no progress on stderr")
     e.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
+
+    i = sub.add_parser(
+        "inspect", help="show what a plan holds: model, methods, per-layer table, sharing, KV bytes, provenance",
+        description="Print what a plan is for (model, methods, parameters), one row per layer for every method, the "
+        "KVSharer sharing map, the theoretical KV bytes at --context and --batch against a stock cache, and the "
+        "provenance; read from the plan alone (no model is loaded). --png draws it.",
+        formatter_class=HelpFormatter, epilog="the report's terms:\n" + INSPECT_LEGEND,
+    )
+    i.add_argument("plan", help="plan file (or a folder holding plan.safetensors) or Hub repo id")
+    i.add_argument("--revision", help="Hub branch, tag or commit when PLAN is a repo id")
+    i.add_argument("--context", type=int, default=2048, help="tokens seen per row for the KV bytes")
+    i.add_argument("--batch", type=int, default=1, help="rows for the KV bytes")
+    i.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="K/V dtype for the bytes (default: the plan's: its weights digest, else its calibration dtype)")
+    i.add_argument("--json", type=Path, help="also write the report as JSON here")
+    i.add_argument("--png", type=Path, help="draw the plan into this PNG (needs matplotlib)")
+    i.add_argument("-q", "--quiet", action="store_true", help="only the report on stdout, no progress on stderr")
+    i.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
     return p
 
 
@@ -387,6 +419,13 @@ def _one_line(exc: BaseException) -> str:
     return message if isinstance(exc, known) else f"{type(exc).__name__}: {message}"
 
 
+def _is_plan_error(exc: BaseException) -> bool:
+    """True for a plan that cannot be read (missing, not a plan, not on the Hub): bad input for ``inspect``."""
+    from runtime import PlanError
+
+    return isinstance(exc, PlanError)
+
+
 def _quiet_libraries(verbose: bool) -> None:
     """Errors only from transformers, and from huggingface_hub unless ``verbose`` (its retry warnings on a
     failing download would otherwise bury the one error line)."""
@@ -403,6 +442,36 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
 
 
+def _check_inspect_args(args) -> str | None:
+    """What is wrong with the inspect command line (before the plan is read), or None."""
+    import importlib.util
+
+    if args.context < 1:
+        return f"--context must be a positive number of tokens, got {args.context}"
+    if args.batch < 1:
+        return f"--batch must be at least 1, got {args.batch}"
+    if args.png is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            from runtime.inspect import MATPLOTLIB_HINT
+
+            return f"--png: {MATPLOTLIB_HINT}"
+        if not args.png.parent.is_dir():
+            return f"the folder of --png ({args.png.parent}) does not exist"
+    return None
+
+
+def run_inspect(args, say: _Phases) -> dict:
+    import runtime
+    from runtime.inspect import describe, draw
+
+    plan = runtime.load_plan(args.plan, revision=args.revision)
+    report = {"source": args.plan, **describe(plan, args.context, args.batch, args.dtype)}
+    if args.png is not None:
+        draw(report, args.png)
+        say(f"wrote {args.png}")
+    return report
+
+
 def _usage_error(args) -> str | None:
     """What is wrong with the command line (checked before anything is loaded), or None.
 
@@ -413,6 +482,8 @@ def _usage_error(args) -> str | None:
         return f"the folder of --json ({args.json.parent}) does not exist"
     if args.command == "eval":
         return _check_eval_args(args)
+    if args.command == "inspect":
+        return _check_inspect_args(args)
     if args.prompt is not None and args.prompt_file:
         return "give --prompt or --prompt-file, not both"
     if args.max_new_tokens < 1:
@@ -449,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             _quiet_libraries(args.verbose)
-            report = run_generate(args, say) if args.command == "generate" else run_eval(args, say)
+            run = {"generate": run_generate, "eval": run_eval, "inspect": run_inspect}[args.command]
+            report = run(args, say)
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
@@ -457,9 +529,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.verbose:
                 traceback.print_exc()
             print(f"error: {_one_line(exc)}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_USAGE if args.command == "inspect" and _is_plan_error(exc) else EXIT_FAILED
     if args.command == "generate":
         _print_report(report)
+    elif args.command == "inspect":
+        from runtime.inspect import render_text
+
+        print(render_text(report))
     else:
         from runtime.evaluation import render
 
