@@ -474,7 +474,7 @@ METHOD = MethodSpec(
                   "it read: residual_mean (the mass it missed goes to the mean of the unread rows, known from a "
                   "resident per-(row, KV head) value sum) or renormalise (softmax renormalised over the rows read)",
                   choices=ESTIMATORS),
-        ParamSpec("tolerance", "float", 0.02, "calibration: largest mean relative error of a layer's attention "
+        ParamSpec("tolerance", "float", 0.01, "calibration: largest mean relative error of a layer's attention "
                   "output (top-N vs all values) a layer's N may cause", minimum=0.0, maximum=1.0,
                   stage="calibration"),
         ParamSpec("queries", "int", 64, "calibration: last queries of each sample whose top-N output is measured",

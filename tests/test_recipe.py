@@ -218,13 +218,14 @@ def test_with_overrides() -> None:
     kvsharer = {"share_layers": "auto", "threshold": 0.95, "order": "attention_error"}
     kvcompress = {"window": 32, "sink": 4, "probes": 16, "probe_weight": 16.0, "allocation": "retrieval"}
     assert merged.method_args == {
-        "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"}, "kcache": {}, "kvsharer": kvsharer,
+        "pyramidinfer": {"window": 64, "sink": 4, "head_reduce": "max"},
+        "kcache": {"estimator": "residual_mean", "tolerance": 0.01}, "kvsharer": kvsharer,
         "kvcompress": kvcompress,
     }
     with pytest.raises(RecipeError, match=r"unknown kcache option\(s\) \['bits'\]"):  # the registry has none yet
         base.with_overrides(method_args={"kcache": {"bits": 4}})
     assert base.method_args == {"pyramidinfer": {"window": 32, "sink": 4, "head_reduce": "max"}, "kvsharer": kvsharer,
-                                "kvcompress": kvcompress}
+                                "kvcompress": kvcompress, "kcache": {"estimator": "residual_mean", "tolerance": 0.01}}
     with pytest.raises(RecipeError, match="'target_ratio' must be in"):
         base.with_overrides(target_ratio=2.0)
     with pytest.raises(RecipeError, match="unknown key 'num_samples'"):
