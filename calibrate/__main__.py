@@ -16,7 +16,10 @@ from runtime.cli import HelpFormatter
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 METHOD_CHOICES = registry.METHODS
-TIMING_KEYS = ("calibration_seconds", "forward_pass_seconds", "model_load_seconds", "kvsharer_search_seconds")
+TIMING_KEYS = (
+    "calibration_seconds", "forward_pass_seconds", "model_load_seconds", "kvsharer_search_seconds",
+    "joint_search_seconds",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"),
         help="model dtype (default: the recipe's; float32 for smollm2-135m and without a recipe)",
+    )
+    p.add_argument(
+        "--search-seconds", type=float, default=None, metavar="S",
+        help="with several methods, the time the joint search may spend scoring whole candidate plans (owners' "
+        "budgets, KCache's tolerance) on calibration continuations and retrieval probes; 0 = no joint search "
+        "(default: 240)",
     )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument(
@@ -143,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("error: a model and --out are required", file=sys.stderr)
         return EXIT_USAGE
+    if args.search_seconds is not None and not 0 <= args.search_seconds < float("inf"):
+        print(f"error: --search-seconds must be a number of seconds >= 0, not {args.search_seconds}", file=sys.stderr)
+        return EXIT_USAGE
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
         return EXIT_USAGE
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # progress bars on stderr whether or not it is a terminal (tqdm writes to a log file too); -q: none
-        result = calibrate(recipe, progress=not args.quiet)
+        result = calibrate(recipe, progress=not args.quiet, search_seconds=args.search_seconds)
         plan = result.plan
         if args.reproducible or os.environ.get("KVPLAN_REPRODUCIBLE") == "1":
             for key in TIMING_KEYS:
@@ -244,6 +256,12 @@ def _print_summary(plan, result, out: Path) -> None:
         from .kcache import topn_table
 
         for line in topn_table(kc):
+            print(line, file=err)
+    joint = result.report.get("joint")
+    if joint:
+        from .joint import joint_table
+
+        for line in joint_table(joint):
             print(line, file=err)
     split = result.report.get("split")
     if split:

@@ -45,14 +45,16 @@ class ContinuationFidelity:
     """KL(full ‖ plan) and top-1 agreement on the tokens that follow a compressed context.
 
     Windows are the first ``context + continuation`` tokens of the last ``num_windows`` calibration samples: the
-    context is prefilled (compressed), the continuation fed as one chunk. The full model's log-probabilities are
+    context is prefilled (compressed), the continuation fed as one chunk (``stepwise``: one token at a time, as
+    decoding feeds it — a chunk attends exactly where KCache would read only its top-N). The full model's log-probabilities are
     computed once.
     """
 
     def __init__(
         self, model, samples: Sequence[torch.Tensor], num_windows: int = 2, context: int = 1024,
-        continuation: int = 64,
+        continuation: int = 64, stepwise: bool = False,
     ):
+        self.stepwise = stepwise  # feed the continuation one token at a time, as decoding does (KCache's top-N)
         self.model = model
         self.device = next(model.parameters()).device
         usable = [s for s in samples if s.numel() > 2 * continuation]
@@ -74,7 +76,11 @@ class ContinuationFidelity:
                 cache = DynamicCache(config=self.model.config)
                 context, cont = ids[:, : -self.continuation], ids[:, -self.continuation :]
                 self.model(context, logits_to_keep=1, **{name: cache})
-                logits = self.model(cont, **{name: cache}).logits[0]
+                if self.stepwise:
+                    steps = [self.model(cont[:, i : i + 1], **{name: cache}).logits[0] for i in range(cont.shape[1])]
+                    logits = torch.cat(steps)
+                else:
+                    logits = self.model(cont, **{name: cache}).logits[0]
                 stats = agreement_and_kl(ref, torch.log_softmax(logits.float(), dim=-1))
                 kl += float(stats["kl"].sum())
                 agree += float(stats["agree"].sum())

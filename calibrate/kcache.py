@@ -396,42 +396,48 @@ def calibration_step(ctx) -> None:
     curves = observer.curves()  # [L, len(grid)]
     owner_mask = torch.tensor([l in owners for l in range(n_layers)])
     is_owner = owner_mask & measured
-    topn = torch.where(is_owner, choose_topn(group_curves(curves, sources), grid, settings.tolerance, limit), 0)
-    reads = topn[torch.tensor(sources)]  # the N of the store each layer reads
-    own_error = error_at(curves, grid, reads)  # each layer's error at the N of the store it reads
-    group_error = torch.zeros(n_layers, dtype=torch.float64).scatter_reduce(
-        0, torch.tensor(sources), torch.where(measured, own_error, 0.0), reduce="amax", include_self=True,
-    )
-    output_error = torch.where(is_owner & (topn > 0), group_error, 0.0)
-    rows = torch.where(topn > 0, topn.double().clamp(max=context), context)
-    fraction = rows / max(context, 1e-9)
 
-    ctx.tensors["kcache.topn"] = topn.to(torch.int32)
-    ctx.tensors["kcache.output_error"] = output_error.float()
+    def build(tolerance: float) -> tuple[dict[str, torch.Tensor], dict]:
+        """The plan's KCache tensors and the report for one tolerance (the joint search tries several)."""
+        topn = torch.where(is_owner, choose_topn(group_curves(curves, sources), grid, tolerance, limit), 0)
+        reads = topn[torch.tensor(sources)]  # the N of the store each layer reads
+        own_error = error_at(curves, grid, reads)  # each layer's error at the N of the store it reads
+        group_error = torch.zeros(n_layers, dtype=torch.float64).scatter_reduce(
+            0, torch.tensor(sources), torch.where(measured, own_error, 0.0), reduce="amax", include_self=True,
+        )
+        output_error = torch.where(is_owner & (topn > 0), group_error, 0.0)
+        rows = torch.where(topn > 0, topn.double().clamp(max=context), context)
+        fraction = rows / max(context, 1e-9)
+        tensors = {"kcache.topn": topn.to(torch.int32), "kcache.output_error": output_error.float()}
+        report = {
+            "estimator": settings.estimator,
+            "tolerance": tolerance,
+            "queries": settings.queries,
+            "flat_fraction": settings.flat_fraction,
+            "calibration_length": ctx.seq_len,
+            "context": context,
+            "flat_limit": limit,
+            "grid": list(grid),
+            "samples": len(run),
+            "topn": [int(n) for n in topn],
+            "output_error": [float(e) for e in output_error],
+            # a layer's own error at the N of the store it reads (a reader: its owner's N); None: not measured
+            "layer_error": [float(own_error[l]) if measured[l] else None for l in range(n_layers)],
+            # what each layer alone would need (a reader: over its owner's keys); 0: flat or not measured
+            "layer_needs": [int(n) for n in torch.where(measured, choose_topn(curves, grid, tolerance, limit), 0)],
+            "fraction_read": [float(fraction[l]) if l in owners else None for l in range(n_layers)],
+            "mean_fraction_read": float(rows[owner_mask].sum() / (context * len(owners))),
+            "owners": owners,
+            "flat_layers": [l for l in owners if int(topn[l]) == 0],
+            "share_source": None if search is None else sources,
+            "error_curves": [[float(e) for e in curves[l]] if measured[l] else None for l in range(n_layers)],
+        }
+        return tensors, report
+
+    tensors, report = build(settings.tolerance)
+    ctx.tensors.update(tensors)
     ctx.params["kcache"] = settings.runtime_params()
-    report = {
-        "estimator": settings.estimator,
-        "tolerance": settings.tolerance,
-        "queries": settings.queries,
-        "flat_fraction": settings.flat_fraction,
-        "calibration_length": ctx.seq_len,
-        "context": context,
-        "flat_limit": limit,
-        "grid": list(grid),
-        "samples": len(run),
-        "topn": [int(n) for n in topn],
-        "output_error": [float(e) for e in output_error],
-        # a layer's own error at the N of the store it reads (a reader: its owner's N); None: not measured
-        "layer_error": [float(own_error[l]) if measured[l] else None for l in range(n_layers)],
-        # what each layer alone would need (a reader: over its owner's keys); 0: flat or not measured
-        "layer_needs": [int(n) for n in torch.where(measured, choose_topn(curves, grid, settings.tolerance, limit), 0)],
-        "fraction_read": [float(fraction[l]) if l in owners else None for l in range(n_layers)],
-        "mean_fraction_read": float(rows[owner_mask].sum() / (context * len(owners))),
-        "owners": owners,
-        "flat_layers": [l for l in owners if int(topn[l]) == 0],
-        "share_source": None if search is None else sources,
-        "error_curves": [[float(e) for e in curves[l]] if measured[l] else None for l in range(n_layers)],
-    }
+    ctx.state["kcache"] = build  # the joint search (calibrate.joint) may choose another tolerance
     ctx.report["kcache"] = report
     ctx.provenance["kcache_calibration"] = {
         "grid": list(grid), "queries": settings.queries, "samples": len(run), "context": round(context, 1),

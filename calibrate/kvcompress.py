@@ -700,6 +700,8 @@ def _overwrite_pyramid(ctx, layer_keep: torch.Tensor, owners: torch.Tensor, budg
     budgeted, as PyramidInfer writes), and its captured mass (its grouped curve at the new fraction, divided by the
     group's size as PyramidInfer does) and report follow."""
     keep = torch.where(torch.tensor(budget.budgeted), layer_keep, torch.ones_like(layer_keep)).float()
+    if "pyramidinfer.layer_keep" in ctx.tensors:  # the joint search (calibrate.joint) also tries PyramidInfer's own
+        ctx.state["pyramidinfer.layer_keep"] = ctx.tensors["pyramidinfer.layer_keep"].clone()
     ctx.tensors["pyramidinfer.layer_keep"] = keep
     curves = ctx.tensors.get("pyramidinfer.captured_curve")
     captured = None

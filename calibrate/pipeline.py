@@ -29,6 +29,7 @@ from runtime.cache import layer_types
 from runtime.models import load_model
 from runtime.plan import Plan, fingerprint_from_model
 
+from . import joint
 from .data import build_calibration_set
 from .recipe import Recipe
 
@@ -114,12 +115,13 @@ class CalibrationResult:
     calibration_seconds: float
 
 
-def calibrate(recipe: Recipe, *, progress: bool = True) -> CalibrationResult:
+def calibrate(recipe: Recipe, *, progress: bool = True, search_seconds: float | None = None) -> CalibrationResult:
     """Run the whole calibration for ``recipe`` and return the plan (not yet saved)."""
     methods = check_methods(list(recipe.methods))
     loaded = load_model(recipe, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
-    result = calibrate_model(model, tokenizer, recipe, methods=methods, progress=progress)
+    result = calibrate_model(model, tokenizer, recipe, methods=methods, progress=progress,
+                             search_seconds=search_seconds)
     if loaded.revision:
         result.plan.fingerprint["revision"] = loaded.revision
     result.load_seconds = loaded.load_seconds
@@ -134,9 +136,12 @@ def _step(spec) -> Callable[[CalibrationContext], None]:
 
 def calibrate_model(
     model: torch.nn.Module, tokenizer, recipe: Recipe, *, methods: tuple[str, ...] | None = None,
-    progress: bool = True,
+    progress: bool = True, search_seconds: float | None = None,
 ) -> CalibrationResult:
-    """Calibrate an already loaded model (used by the CLI and by tests with tiny models)."""
+    """Calibrate an already loaded model (used by the CLI and by tests with tiny models).
+
+    With several methods, :mod:`calibrate.joint` then scores whole candidate plans for at most ``search_seconds``
+    (default ``calibrate.joint.DEFAULT_MAX_SECONDS``) and keeps the best (``0``: no joint search)."""
     methods = check_methods(list(recipe.methods)) if methods is None else methods
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
@@ -154,6 +159,9 @@ def calibrate_model(
         _step(spec)(ctx)
     for finalize in ctx.finalizers:
         finalize()
+    seconds_left = joint.DEFAULT_MAX_SECONDS if search_seconds is None else search_seconds
+    if joint.applies(methods) and seconds_left > 0:
+        joint.joint_search(ctx, seconds_left)
     seconds = time.perf_counter() - start
     provenance = {
         "data_source": data.source,
