@@ -230,7 +230,8 @@ def tqdm_or_list(items, ctx, desc: str):
 
 def joint_table(report: dict) -> list[str]:
     """Lines of the candidates table (log and CLI)."""
-    lines = [f"joint search: {len(report['rows'])} whole plans scored in {report['seconds']:.0f} s "
+    scored = sum(1 for row in report["rows"] if row.get("scored", True))
+    lines = [f"joint search: {scored} of {len(report['rows'])} candidate plans scored in {report['seconds']:.0f} s "
              f"(limit {report['max_seconds']:.0f} s; {report['probes']} retrieval probes, both protocols)",
              "  stage   candidate               KL      top-1  retention  values read"]
     for row in report["rows"]:
