@@ -13,14 +13,15 @@ calibration data only:
    (a head's fraction is capped at 1: it may hold a little less than the target).
 2. **KCache's N per layer** (a plan with KCache and a token budget): the calibrated error curves give one ``topn``
    per tolerance; ``tolerance / 2``, ``tolerance`` and ``2 x tolerance`` are tried on the chosen budget, beside the
-   same plan with KCache off.
+   same plan with KCache off, on the continuation only: KCache leaves retrieval to the keys (complete) and to the
+   question chunk (a multi-token chunk reads every row) — measured: passkeys unchanged in both protocols (README).
 
 Every candidate is scored on the continuation of calibration windows (KL and top-1 against the full cache,
 :class:`calibrate.budget_split.ContinuationFidelity`) and on calibration retrieval probes in both protocols
 (:class:`calibrate.probe_score.ProbeRetention`). **Rules.** Budget: the highest mean probe retention (the two
 protocols averaged; a protocol whose probes the full cache misses does not count), ties to the lowest KL. KCache: the
-largest tolerance whose KL is at most ``KL_off + max(0.1 * KL_off, 0.0005)`` and whose retention is at least the
-plan's without KCache; when none is, the smallest tried. The search stops scoring at ``max_seconds`` (candidates not
+largest tolerance whose KL is at most ``KL_off + max(0.1 * KL_off, 0.0005)`` (and, for a candidate scored on the
+probes, whose retention is at least the plan's without KCache); when none is, the smallest tried. The search stops scoring at ``max_seconds`` (candidates not
 scored are listed as such and not chosen).
 """
 
@@ -125,26 +126,26 @@ class _Scorer:
         plan.check()
         return plan
 
-    def score(self, candidate: Candidate) -> None:
+    def score(self, candidate: Candidate, probes: bool = True) -> None:
         if time.perf_counter() > self.deadline:
             return
         start = time.perf_counter()
         plan = self.plan(candidate)
         scores = dict(self.fidelity.score(plan))
-        if self.probes is not None:
+        if probes and self.probes is not None:
             scores.update(self.probes.score(plan))
-        scores["retention"] = _retention(scores)
+            scores["retention"] = _retention(scores)
         scores["seconds"] = time.perf_counter() - start
         candidate.scores = scores
-        log.info("joint: %-8s %-22s KL %.4f top-1 %.3f retention %.3f (%.1f s)", candidate.stage, candidate.name,
-                 scores["kl"], scores["top1"], scores["retention"], scores["seconds"])
+        log.info("joint: %-8s %-22s KL %.4f top-1 %.3f retention %s (%.1f s)", candidate.stage, candidate.name,
+                 scores["kl"], scores["top1"], _fmt(scores.get("retention")), scores["seconds"])
 
 
 def choose_budget(candidates: list[Candidate]) -> Candidate:
     scored = [c for c in candidates if c.scores is not None] or candidates[:1]
     if scored[0].scores is None:
         return scored[0]
-    return min(scored, key=lambda c: (-round(c.scores["retention"], 9), c.scores["kl"]))
+    return min(scored, key=lambda c: (-round(c.scores.get("retention", 1.0), 9), c.scores["kl"]))
 
 
 def choose_kcache(candidates: list[Candidate]) -> Candidate | None:
@@ -155,7 +156,12 @@ def choose_kcache(candidates: list[Candidate]) -> Candidate | None:
     if off is None:
         return min(tried, key=lambda c: c.detail["tolerance"])
     limit = off.scores["kl"] + max(KL_SLACK_RELATIVE * off.scores["kl"], KL_SLACK_ABSOLUTE)
-    fine = [c for c in tried if c.scores["kl"] <= limit and c.scores["retention"] >= off.scores["retention"] - 1e-9]
+
+    def keeps_retention(c: Candidate) -> bool:  # a candidate scored without probes is judged on KL alone
+        mine, base = c.scores.get("retention"), off.scores.get("retention")
+        return mine is None or base is None or mine >= base - 1e-9
+
+    fine = [c for c in tried if c.scores["kl"] <= limit and keeps_retention(c)]
     if not fine:
         return min(tried, key=lambda c: c.detail["tolerance"])
     return max(fine, key=lambda c: c.detail["tolerance"])
@@ -191,8 +197,8 @@ def joint_search(ctx, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
     if best.scores is not None and kc:  # "kcache off" on this budget was just scored
         kc[0].scores = best.scores
     for c in tqdm_or_list(kc, ctx, "joint: KCache top-N"):
-        if c.scores is None:
-            scorer.score(c)
+        if c.scores is None:  # KCache leaves retrieval to the exact keys and the exact question chunk: KL only
+            scorer.score(c, probes=False)
     chosen_kc = choose_kcache(kc)
     if chosen_kc is not None:
         chosen = chosen_kc
@@ -223,6 +229,10 @@ def joint_search(ctx, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
     ctx.pass_seconds += seconds
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def tqdm_or_list(items, ctx, desc: str):
     bar = ctx.bar(desc)
     return items if bar is None else bar(items)
@@ -241,8 +251,8 @@ def joint_table(report: dict) -> list[str]:
             continue
         read = row.get("values_read")
         lines.append(
-            f"  {row['stage']:<7} {row['candidate']:<22} {row['kl']:.4f}  {row['top1']:.3f}  {row['retention']:9.3f}"
-            f"  {'' if read is None else f'{read:.3f}'}{mark}"
+            f"  {row['stage']:<7} {row['candidate']:<22} {row['kl']:.4f}  {row['top1']:.3f}  "
+            f"{_fmt(row.get('retention')):>9}  {'' if read is None else f'{read:.3f}'}{mark}"
         )
     return lines
 

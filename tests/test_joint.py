@@ -99,6 +99,8 @@ def test_end_to_end_the_plan_holds_the_chosen_candidate(tokenizer, model, tmp_pa
     assert [r["tolerance"] for r in kc_rows] == [None, 0.005, 0.01, 0.02]
     assert sum(r["chosen"] for r in rows if r["stage"] == "budget") == 1 and sum(r["chosen"] for r in kc_rows) == 1
     assert all(r.get("scored", True) and 0.0 <= r["top1"] <= 1.0 and r["kl"] >= 0 for r in rows)
+    assert all("retention" in r for r in rows if r["stage"] == "budget")
+    assert all("retention" not in r for r in kc_rows[1:])  # KCache tolerances: continuation only
     plan = result.plan
     plan.validate(model)
     assert runtime.load_plan(plan.save(tmp_path / "p.safetensors")) == plan
