@@ -257,12 +257,6 @@ def _print_summary(plan, result, out: Path) -> None:
 
         for line in topn_table(kc):
             print(line, file=err)
-    joint = result.report.get("joint")
-    if joint:
-        from .joint import joint_table
-
-        for line in joint_table(joint):
-            print(line, file=err)
     split = result.report.get("split")
     if split:
         print("joint split (shared layers / owners' mean keep / KL / top-1):", file=err)
@@ -273,6 +267,12 @@ def _print_summary(plan, result, out: Path) -> None:
                 f"{row['top1']:.3f}{mark}",
                 file=err,
             )
+    joint = result.report.get("joint")
+    if joint:  # after the split: the joint search ran last, on the chosen sharing map
+        from .joint import joint_table
+
+        for line in joint_table(joint):
+            print(line, file=err)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ calibration data only:
    same plan with KCache off, on the continuation only: KCache leaves retrieval to the keys (complete) and to the
    question chunk (a multi-token chunk reads every row) — measured: passkeys unchanged in both protocols (README).
 
-Every candidate is scored on the continuation of calibration windows (KL and top-1 against the full cache,
+Every budget candidate is scored on the continuation of calibration windows (KL and top-1 against the full cache,
 :class:`calibrate.budget_split.ContinuationFidelity`) and on calibration retrieval probes in both protocols
 (:class:`calibrate.probe_score.ProbeRetention`). **Rules.** Budget: the highest mean probe retention (the two
-protocols averaged; a protocol whose probes the full cache misses does not count), ties to the lowest KL. KCache: the
-largest tolerance whose KL is at most ``KL_off + max(0.1 * KL_off, 0.0005)`` (and, for a candidate scored on the
-probes, whose retention is at least the plan's without KCache); when none is, the smallest tried. The search stops scoring at ``max_seconds`` (candidates not
-scored are listed as such and not chosen).
+protocols averaged; a protocol whose probes the full cache misses does not count), ties to the lowest KL. KCache:
+the largest tolerance whose KL is at most ``KL_off + max(0.1 * KL_off, 0.0005)`` (and, for a candidate scored on the
+probes, whose retention is at least the plan's without KCache); when none is, the smallest tried. The search stops
+scoring at ``max_seconds`` (candidates not scored are listed as such and not chosen).
 """
 
 from __future__ import annotations
@@ -177,8 +177,9 @@ def joint_search(ctx, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
     probes = None
     if ctx.tokenizer is not None:
         try:
+            bar = ctx.bar("joint: retrieval probes, full cache", "probe")
             probes = ProbeRetention(ctx.model, ctx.tokenizer, ctx.samples, count=PROBES, length=PROBE_LENGTH,
-                                    seed=ctx.recipe.seed, progress=ctx.bar("joint: retrieval probes, full cache"))
+                                    seed=ctx.recipe.seed, progress=bar)
         except ValueError as exc:
             log.warning("joint: no retrieval probes (%s); candidates are scored on the continuation only", exc)
     scorer = _Scorer(ctx, fidelity, probes, max_seconds - (time.perf_counter() - start))
@@ -203,7 +204,8 @@ def joint_search(ctx, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
     if chosen_kc is not None:
         chosen = chosen_kc
     else:  # no KCache candidate scored (or none in the plan): the budget, KCache as calibrated
-        chosen = Candidate("budget", best.name, {k: v for k, v in best.overrides.items() if not k.startswith("kcache.")})
+        kept = {k: v for k, v in best.overrides.items() if not k.startswith("kcache.")}
+        chosen = Candidate("budget", best.name, kept)
     for name, value in chosen.overrides.items():
         if value is None:
             ctx.tensors.pop(name, None)
@@ -234,7 +236,7 @@ def _fmt(value) -> str:
 
 
 def tqdm_or_list(items, ctx, desc: str):
-    bar = ctx.bar(desc)
+    bar = ctx.bar(desc, "plan")
     return items if bar is None else bar(items)
 
 

@@ -96,11 +96,11 @@ class CalibrationContext:
         """The recipe's parameters of ``method`` (not yet validated: the step resolves them)."""
         return self.recipe.args_for(method)
 
-    def bar(self, desc: str) -> Callable | None:
-        """A progress wrapper for a loop over samples (stderr, works in logs too), or None when quiet."""
+    def bar(self, desc: str, unit: str = "sample") -> Callable | None:
+        """A progress wrapper for a loop over samples (or ``unit``s; stderr, works in logs too), or None when quiet."""
         if not self.progress:
             return None
-        return lambda items: tqdm(items, desc=desc, unit="sample", leave=False, file=sys.stderr)
+        return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, file=sys.stderr)
 
     def say(self, *args) -> None:
         """Log at INFO when showing progress, at DEBUG otherwise."""
