@@ -54,6 +54,7 @@ class Candidate:
     overrides: dict[str, torch.Tensor | None]
     detail: dict = field(default_factory=dict)
     scores: dict | None = None
+    report: dict | None = None  # KCache: the calibration report of this tolerance (becomes the plan's if chosen)
 
     def row(self) -> dict:
         out = {"stage": self.stage, "candidate": self.name, **self.detail}
@@ -98,7 +99,7 @@ def kcache_candidates(ctx, base: Candidate) -> list[Candidate]:
         tensors, report = build(t)
         out.append(Candidate("kcache", f"tolerance {t:g}", {**base.overrides, **tensors},
                              {"budget": base.name, "tolerance": t,
-                              "values_read": round(report["mean_fraction_read"], 4)}))
+                              "values_read": round(report["mean_fraction_read"], 4)}, report=report))
     return out
 
 
@@ -212,11 +213,10 @@ def joint_search(ctx, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
         else:
             ctx.tensors[name] = value
     if chosen_kc is not None:
-        _, report = ctx.state["kcache"](chosen_kc.detail["tolerance"])
-        ctx.report["kcache"] = report
-    rows = [c.row() for c in (budgets if len(budgets) > 1 else []) + kc]
-    for row, c in zip(rows, (budgets if len(budgets) > 1 else []) + kc):
-        row["chosen"] = c is best or c is chosen_kc
+        ctx.report["kcache"] = chosen_kc.report
+    rows = []
+    for c in (budgets if len(budgets) > 1 else []) + kc:
+        rows.append({**c.row(), "chosen": c is best or c is chosen_kc})
     seconds = time.perf_counter() - start
     ctx.report["joint"] = {
         "rows": rows, "budget": best.name,

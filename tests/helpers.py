@@ -120,3 +120,13 @@ def kvcompress_plan(model, keep, shares, window: int = 8, sink: int = 2, with_py
         tensors=tensors,
         target_ratio=float(keep.mean()),
     )
+
+
+def error_line(capsys) -> str:
+    """The one ``error: ...`` line a CLI printed on stderr (nothing on stdout)."""
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ")
+    return lines[0]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import pyramid_plan
+from helpers import error_line, pyramid_plan
 from make_tiny_model import make_tiny_model
 from test_data import make_tokenizer
 
@@ -45,15 +45,6 @@ def plan_file(tiny_dir, tmp_path_factory) -> Path:
     return path
 
 
-def _error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 # --------------------------------------------------------------------------------------------------
 # a model that cannot be loaded: one line, exit 1
 
@@ -80,7 +71,7 @@ def test_unloadable_model_is_one_error_line_and_exit_1(command, kind, plan_file,
     model = _unloadable(kind, tmp_path)
     extra = ["--prompt", "Hi"] if command == "generate" else RETRIEVAL
     assert runtime_main([command, model, "--plan", str(plan_file), *extra]) == 1
-    line = _error_line(capsys)
+    line = error_line(capsys)
     if kind != "broken config":
         assert model in line or model.split(":", 1)[-1] in line
 
@@ -96,7 +87,7 @@ def test_missing_model_package_named_by_the_plan_is_one_error_line(tiny_dir, tmp
     capsys.readouterr()  # the loading bar above
     for argv in (["generate", "--plan", str(path), "--prompt", "Hi"], ["eval", "--plan", str(path), *RETRIEVAL]):
         assert runtime_main(argv) == 1
-        line = _error_line(capsys)
+        line = error_line(capsys)
         assert "no_such_package_xyz" in line and "pip install no-such-package-xyz" in line
 
 
@@ -122,7 +113,7 @@ def test_calibrate_unloadable_model_is_one_error_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert calibrate_main([str(empty), "--out", str(tmp_path / "p.safetensors")]) == 1
-    _error_line(capsys)
+    error_line(capsys)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,24 +123,24 @@ def test_calibrate_unloadable_model_is_one_error_line(tmp_path, capsys):
 @pytest.mark.parametrize("prompt", ["", "   \n"])
 def test_empty_prompt_is_refused_with_exit_2(prompt, plan_file, tiny_dir, capsys):
     assert runtime_main(["generate", str(tiny_dir), "--plan", str(plan_file), "--prompt", prompt]) == 2
-    assert "--prompt is empty" in _error_line(capsys)
+    assert "--prompt is empty" in error_line(capsys)
 
 
 def test_empty_or_missing_prompt_file_is_refused_with_exit_2(plan_file, tiny_dir, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     assert runtime_main(["generate", str(tiny_dir), "--plan", str(plan_file), "--prompt-file", str(empty)]) == 2
-    assert "is empty" in _error_line(capsys)
+    assert "is empty" in error_line(capsys)
     missing = tmp_path / "missing.txt"
     assert runtime_main(["generate", str(tiny_dir), "--plan", str(plan_file), "--prompt-file", str(missing)]) == 2
-    assert "--prompt-file" in _error_line(capsys)
+    assert "--prompt-file" in error_line(capsys)
 
 
 def test_bad_eval_command_lines_are_refused_before_loading(tiny_dir, capsys):
     assert runtime_main(["eval", str(tiny_dir), "--tasks", "lm,mmlu"]) == 2
-    assert "mmlu" in _error_line(capsys)
+    assert "mmlu" in error_line(capsys)
     assert runtime_main(["eval", str(tiny_dir), "--tasks", "lm"]) == 2
-    assert "--data" in _error_line(capsys)
+    assert "--data" in error_line(capsys)
 
 
 def test_given_prompt_is_chat_templated_like_the_builtin_one(plan_file, tiny_dir, tmp_path, capsys):

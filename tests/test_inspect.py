@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_config
-from helpers import kvcompress_plan, pyramid_plan, share_plan
+from helpers import error_line, kvcompress_plan, pyramid_plan, share_plan
 
 import runtime
 from runtime.__main__ import EXIT_OK, EXIT_USAGE
@@ -190,15 +190,6 @@ def plan_file(llama, tmp_path):
     return path
 
 
-def _error_line(capsys) -> str:
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 def test_cli_prints_the_report_and_writes_the_same_content_as_json(plan_file, tmp_path, capsys):
     out = tmp_path / "plan.json"
     argv = ["inspect", str(plan_file), "--context", "100", "--batch", "2", "--json", str(out)]
@@ -247,7 +238,7 @@ def test_draw_takes_a_plan_or_a_description(llama, tmp_path):
 def test_png_without_matplotlib_says_how_to_install_it(plan_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, find_spec says missing
     assert runtime_main(["inspect", str(plan_file), "--png", str(tmp_path / "x.png")]) == EXIT_USAGE
-    assert "pip install matplotlib" in _error_line(capsys)
+    assert "pip install matplotlib" in error_line(capsys)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         draw(runtime.load_plan(plan_file), tmp_path / "x.png")
 
@@ -269,7 +260,7 @@ def test_bad_input_is_one_error_line_and_exit_2(case, plan_file, tmp_path, capsy
     if case == "png folder missing":
         pytest.importorskip("matplotlib")
     assert runtime_main(argv) == EXIT_USAGE
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "Traceback" not in line and "Error:" not in line
 
 
