@@ -245,7 +245,7 @@ def joint_table(report: dict) -> list[str]:
     scored = sum(1 for row in report["rows"] if row.get("scored", True))
     lines = [f"joint search: {scored} of {len(report['rows'])} candidate plans scored in {report['seconds']:.0f} s "
              f"(limit {report['max_seconds']:.0f} s; {report['probes']} retrieval probes, both protocols)",
-             "  stage   candidate               KL      top-1  retention  values read"]
+             "  stage   candidate               KL      top-1  retention  top-N/context"]
     for row in report["rows"]:
         mark = "  <- chosen" if row.get("chosen") else ""
         if row.get("scored") is False:

@@ -148,7 +148,7 @@ def _json_block(value: Any) -> list[str]:
     return ["```json", json.dumps(value, indent=2, sort_keys=True), "```"]
 
 
-def _body(plan: Plan, repo_id: str | None) -> list[str]:
+def _body(plan: Plan, repo_id: str | None, results: str | None = None) -> list[str]:
     fp = plan.fingerprint
     base = fp.get("name_or_path") or fp.get("model_type")
     revision = fp.get("revision")
@@ -165,6 +165,8 @@ def _body(plan: Plan, repo_id: str | None) -> list[str]:
         lines += ["", f"Target: keep {float(plan.target_ratio):.1%} of the full KV-cache memory."]
     if plan.params:
         lines += ["", "Parameters:", "", *_json_block(plan.params)]
+    if results:
+        lines += ["", "## Measured", "", results.strip()]
     lines += ["", "## Per-layer plan", "", *_layer_table(plan)]
     lines += ["", "## How to load", "", *_usage(plan, repo_id)]
     lines += ["", "## Provenance", "", f"Made with kvplan {plan.kvplan_version}.", "", *_json_block(plan.provenance)]
@@ -188,18 +190,24 @@ def _usage(plan: Plan, repo_id: str | None) -> list[str]:
     ]
 
 
-def render_model_card(plan: Plan, repo_id: str | None = None) -> str:
-    """The ``README.md`` for a plan repo: YAML front matter (base_model, tags, ...) and a short body."""
-    card = ModelCard(f"---\n{_card_data(plan).to_yaml()}\n---\n\n" + "\n".join(_body(plan, repo_id)))
+def render_model_card(plan: Plan, repo_id: str | None = None, results: str | None = None) -> str:
+    """The ``README.md`` for a plan repo: YAML front matter (base_model, tags, ...) and a short body.
+
+    ``results``: markdown of measured figures (fidelity, memory, speed and the commands that printed them), shown
+    under "Measured"; the card states nothing measured without it.
+    """
+    card = ModelCard(f"---\n{_card_data(plan).to_yaml()}\n---\n\n" + "\n".join(_body(plan, repo_id, results)))
     return str(card)
 
 
-def write_plan_folder(plan: Plan, folder: str | Path, repo_id: str | None = None) -> Path:
+def write_plan_folder(
+    plan: Plan, folder: str | Path, repo_id: str | None = None, results: str | None = None
+) -> Path:
     """Write ``plan.safetensors``, ``recipe.yaml`` and ``README.md`` into ``folder`` (validates the plan)."""
     folder = Path(folder)
     plan.save(folder / DEFAULT_FILENAME)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(plan.recipe, sort_keys=True), encoding="utf-8")
-    (folder / "README.md").write_text(render_model_card(plan, repo_id), encoding="utf-8")
+    (folder / "README.md").write_text(render_model_card(plan, repo_id, results), encoding="utf-8")
     return folder
 
 
@@ -212,15 +220,17 @@ def push_plan(
     commit_message: str | None = None,
     create_pr: bool = False,
     api: Any = None,
+    results: str | None = None,
 ) -> str:
     """Upload ``plan`` with its recipe and model card to Hub repo ``repo_id``; returns the commit sha.
 
-    ``revision`` names a branch (created if missing). ``api`` defaults to ``HfApi(token=token)``.
+    ``revision`` names a branch (created if missing). ``api`` defaults to ``HfApi(token=token)``. ``results``:
+    markdown of measured figures for the card (see :func:`render_model_card`).
     """
     api = api if api is not None else HfApi(token=token)
     message = commit_message or f"Upload kvplan plan ({', '.join(plan.methods) or 'no-op'})"
     with tempfile.TemporaryDirectory(prefix="kvplan-push-") as folder:
-        write_plan_folder(plan, folder, repo_id)
+        write_plan_folder(plan, folder, repo_id, results)
         api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
