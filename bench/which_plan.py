@@ -1,7 +1,7 @@
 """Per memory ratio: kvplan plans beside every kvpress press at the same bytes, and issue 12's targets checked.
 
     python bench/which_plan.py --context-first artifacts/compare_all.json \
-        --question-in-prefill artifacts/compare_all_qip.json [--markdown artifacts/which_plan.md]
+        --question-in-prefill artifacts/compare_all_qip.json [more.json ...] [--markdown artifacts/which_plan.md]
 
 Reads two outputs of ``bench/compare_kvpress.py`` (one harness, one data set; the second run with
 ``--question-in-prefill --tasks passkey``) and prints, for each keep ratio: every method's physical KV bytes ÷ a
@@ -45,11 +45,26 @@ def _hits(row: dict | None, cases: int) -> str:
     return f"{round(row['passkey_accuracy'] * cases)}/{cases}"
 
 
-def build(first_path: Path, qip_path: Path) -> str:
+def _merge(paths: list[Path], cases: int, context: int) -> dict[str, dict]:
+    """Rows of several question-in-prefill runs (the same grid: depths x trials, context and seed); first wins."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        rows, data = _load(path)
+        args = data["args"]
+        if not args.get("question_in_prefill"):
+            raise SystemExit(f"{path} was not run with --question-in-prefill")
+        if len(args["depths"]) * args["trials"] != cases or args["context"] != context:
+            raise SystemExit(f"{path}: another passkey grid than the context-first run")
+        for name, row in rows.items():
+            merged.setdefault(name, row)
+    return merged
+
+
+def build(first_path: Path, qip_paths: list[Path]) -> str:
     first, first_data = _load(first_path)
-    qip, qip_data = _load(qip_path)
     args = first_data["args"]
     cases = len(args["depths"]) * args["trials"]
+    qip = _merge(qip_paths, cases, args["context"])
     env = first_data["environment"]
     lines = [
         f"SmolLM2-135M-Instruct, {env['dtype']} on {env['device']}, kvpress {env['kvpress']}, transformers "
@@ -105,11 +120,12 @@ def build(first_path: Path, qip_path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--context-first", type=Path, required=True, help="compare_kvpress.py JSON (lm + passkey)")
-    p.add_argument("--question-in-prefill", type=Path, required=True,
-                   help="compare_kvpress.py JSON run with --question-in-prefill")
+    p.add_argument("--question-in-prefill", type=Path, required=True, nargs="+",
+                   help="compare_kvpress.py JSON(s) run with --question-in-prefill and the same passkey grid (several: "
+                   "their rows are merged, the first file's row wins for a method in two)")
     p.add_argument("--markdown", type=Path, help="also write the tables here")
     args = p.parse_args(argv)
-    for path in (args.context_first, args.question_in_prefill):
+    for path in (args.context_first, *args.question_in_prefill):
         if not path.is_file():
             p.error(f"no such file: {path}")
     text = build(args.context_first, args.question_in_prefill)

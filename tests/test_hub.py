@@ -16,7 +16,7 @@ import transformers
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from runtime.hub import push_plan, render_model_card
+from runtime.hub import push_plan, render_model_card, write_plan_folder
 from runtime.plan import Plan, PlanError, fingerprint_from_model, load_plan
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -251,6 +251,18 @@ def test_render_model_card_front_matter_and_body() -> None:
     assert "runtime.apply_plan(model, plan)" in text
     assert "| 3 | 0.250 | 2 |" in text
     assert '"seed": 0' in text
+
+
+def test_model_card_states_measured_results_only_when_given(tmp_path) -> None:
+    plain = render_model_card(make_plan(), "me/plan")
+    assert "## Measured" not in plain
+    results = "| measure | value |\n|---|---|\n| top-1 | 0.918 |"
+    card = render_model_card(make_plan(), "me/plan", results=results)
+    measured = card.index("## Measured")
+    assert card.index("## What it does") < measured < card.index("## Per-layer plan")
+    assert "| top-1 | 0.918 |" in card[measured:]
+    write_plan_folder(make_plan(), tmp_path, "me/plan", results=results)
+    assert (tmp_path / "README.md").read_text(encoding="utf-8") == card
 
 
 def test_model_card_without_hub_base_model() -> None:
