@@ -37,7 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import runtime  # noqa: E402
-from runtime import hub  # noqa: E402
+from runtime import hub, registry  # noqa: E402
 
 MIB = 2**20
 DEPTHS = ("0.1", "0.3", "0.5", "0.7", "0.9")
@@ -64,11 +64,12 @@ def eval_commands(folder: str, data: str, docs: int = 8, trials: int = 2) -> dic
     }
 
 
-def _run(argv: list[str]) -> float:
-    log("python " + shlex.join(argv))
-    start = time.perf_counter()
+def _run(argv: list[str]) -> str:
+    """Run ``python <argv>`` from the repository root; returns the command line (for the card)."""
+    command = "python " + shlex.join(argv)
+    log(command)
     subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return command
 
 
 def _rel(path: Path) -> str:
@@ -201,9 +202,12 @@ def calibration_markdown(plan: runtime.Plan) -> str:
             )
         tolerance = joint.get("kcache_tolerance")
         if any(row["stage"] == "kcache" for row in joint["rows"]):
-            lines.append("KCache: " + (f"tolerance {tolerance:g} (chosen above)." if tolerance is not None else
-                                       f"the recipe's tolerance {plan.recipe.get('kcache', {}).get('tolerance', 0.01):g}"
-                                       " (no tolerance was scored within the time limit: KCache as calibrated)."))
+            if tolerance is not None:
+                lines.append(f"KCache: tolerance {tolerance:g} (chosen above).")
+            else:
+                recipe = registry.get("kcache").resolve_args(plan.recipe.get("kcache", {}))["tolerance"]
+                lines.append(f"KCache: the recipe's tolerance {recipe:g} (no tolerance was scored within the time "
+                             "limit: KCache as calibrated).")
         lines.append("")
     timing = {k: prov.get(k) for k in ("calibration_seconds", "kvsharer_search_seconds", "joint_search_seconds")
               if prov.get(k) is not None}
@@ -232,16 +236,12 @@ def make(args) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     hub.write_plan_folder(plan, folder)  # plan.safetensors, recipe.yaml (README.md is rewritten below)
     rel, data = _rel(folder), _rel(args.data)
-    commands = [f"python -m runtime inspect {rel} --context 2048 --png {rel}/inspect.png --json {rel}/inspect.json -q"]
-    _run(["-m", "runtime", "inspect", rel, "--context", "2048", "--png", f"{rel}/inspect.png",
-          "--json", f"{rel}/inspect.json", "-q"])
-    for argv in eval_commands(rel, data, args.docs, args.trials).values():
-        commands.append("python " + shlex.join(argv))
-        _run(argv)
+    commands = [_run(["-m", "runtime", "inspect", rel, "--context", "2048", "--png", f"{rel}/inspect.png",
+                      "--json", f"{rel}/inspect.json", "-q"])]
+    commands += [_run(argv) for argv in eval_commands(rel, data, args.docs, args.trials).values()]
     if args.speed:
         argv = ["-m", "runtime", "generate", "--plan", rel, "--json", f"{rel}/generate.json", "-q"]
-        commands.append("python " + shlex.join(argv) + "   # quiet machine: decode speed")
-        _run(argv)
+        commands.append(_run(argv) + "   # quiet machine: decode speed")
     import platform
 
     import torch
@@ -253,7 +253,7 @@ def make(args) -> None:
                        f"{torch.get_num_threads()} threads; kvplan {plan.kvplan_version}, transformers "
                        f"{transformers.__version__}, torch {torch.__version__}, Python {platform.python_version()}",
         "data": data,
-        "calibrate_command": args.calibrate_command or f"# made by an earlier command: {plan.provenance}",
+        "calibrate_command": args.calibrate_command or "# the calibrate command was not given (--calibrate-command)",
         "commands": commands,
     }
     (folder / "measured.json").write_text(json.dumps(meta, indent=2) + "\n")
