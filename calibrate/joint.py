@@ -22,8 +22,8 @@ Every budget candidate is scored on the continuation of calibration windows (KL 
 protocols averaged; a protocol whose probes the full cache misses does not count), ties to the lowest KL. KCache:
 the largest tolerance whose KL is at most ``KL_off + max(0.1 * KL_off, 0.0005)`` (and, for a candidate scored on the
 probes, whose retention is at least the plan's without KCache); when none is, the smallest tried. The search stops
-scoring at ``max_seconds`` (candidates not scored are listed as such and not chosen).
-"""
+scoring at ``max_seconds``: a candidate is not started when the last measured cost of its parts (continuation,
+probes) would take it past the limit (candidates not scored are listed as such and not chosen)."""
 
 from __future__ import annotations
 
@@ -111,10 +111,21 @@ def _retention(scores: dict) -> float:
 
 
 class _Scorer:
+    """Scores candidates until the deadline; a candidate whose predicted cost would end past it is not started.
+
+    The prediction is the last measured cost of the same parts: the continuation (every candidate) and the probes
+    (candidates scored on them). Before anything was measured a candidate is always started.
+    """
+
     def __init__(self, ctx, fidelity, probes, max_seconds: float):
         self.ctx, self.fidelity, self.probes = ctx, fidelity, probes
         self.deadline = time.perf_counter() + max_seconds
         self.model_fp = fingerprint_from_model(ctx.model)
+        self.cost: dict[str, float] = {}  # "continuation" / "probes": seconds the last such pass took
+
+    def predicted_seconds(self, probes: bool) -> float:
+        parts = ["continuation"] + (["probes"] if probes and self.probes is not None else [])
+        return sum(self.cost.get(part, 0.0) for part in parts)
 
     def plan(self, candidate: Candidate) -> Plan:
         tensors = dict(self.ctx.tensors)
@@ -128,14 +139,18 @@ class _Scorer:
         return plan
 
     def score(self, candidate: Candidate, probes: bool = True) -> None:
-        if time.perf_counter() > self.deadline:
-            return
         start = time.perf_counter()
+        if start + self.predicted_seconds(probes) > self.deadline:
+            log.info("joint: %-8s %-22s not scored: it would take about %.0f s, %.0f s are left", candidate.stage,
+                     candidate.name, self.predicted_seconds(probes), max(0.0, self.deadline - start))
+            return
         plan = self.plan(candidate)
         scores = dict(self.fidelity.score(plan))
+        self.cost["continuation"] = time.perf_counter() - start
         if probes and self.probes is not None:
             scores.update(self.probes.score(plan))
             scores["retention"] = _retention(scores)
+            self.cost["probes"] = time.perf_counter() - start - self.cost["continuation"]
         scores["seconds"] = time.perf_counter() - start
         candidate.scores = scores
         log.info("joint: %-8s %-22s KL %.4f top-1 %.3f retention %s (%.1f s)", candidate.stage, candidate.name,

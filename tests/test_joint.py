@@ -85,6 +85,34 @@ def test_budget_candidates_hold_the_pyramid_and_kvcompress_variants():
     assert [c.name for c in joint.budget_candidates(ctx)] == ["per-head"]
 
 
+def test_a_candidate_predicted_to_overrun_the_limit_is_not_started():
+    class Counting:
+        calls = 0
+
+        def score(self, plan):
+            Counting.calls += 1
+            return {"kl": 0.0, "top1": 1.0}
+
+    scorer = joint._Scorer.__new__(joint._Scorer)  # only the timing rule: no model behind it
+    scorer.fidelity, scorer.probes, scorer.cost = Counting(), None, {}
+    scorer.plan = lambda candidate: None
+    scorer.deadline = joint.time.perf_counter() + 60
+    first = joint.Candidate("kcache", "first", {})
+    scorer.score(first, probes=False)  # nothing measured yet: started
+    assert first.scores is not None and Counting.calls == 1
+    scorer.cost["continuation"] = 120.0  # the last one took longer than what is left
+    late = joint.Candidate("kcache", "late", {})
+    scorer.score(late, probes=False)
+    assert late.scores is None and Counting.calls == 1
+    scorer.cost["continuation"] = 1.0
+    scorer.probes = SimpleNamespace(probes=[])
+    scorer.cost["probes"] = 100.0  # cheap on the continuation, but its probes would overrun
+    assert scorer.predicted_seconds(probes=True) == 101.0 and scorer.predicted_seconds(probes=False) == 1.0
+    budget = joint.Candidate("budget", "with probes", {})
+    scorer.score(budget)
+    assert budget.scores is None and Counting.calls == 1
+
+
 # ------------------------------------------------------------------------------------------------------ end to end
 
 
