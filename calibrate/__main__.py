@@ -1,6 +1,9 @@
 """``python -m calibrate ALIAS_OR_MODEL --out plan.safetensors``: calibrate a KV-cache plan for one model.
 
-Exit codes: 0 success, 1 calibration failed (message on stderr), 2 bad command line or recipe.
+With ``--push-to-hub ORG/NAME`` the saved plan is then uploaded with its recipe and a model card.
+
+Exit codes: 0 success, 1 calibration or upload failed (message on stderr; a plan that was written stays), 2 bad
+command line or recipe.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
             "every built-in one: --methods pyramidinfer, --target-ratio 0.5, --seed 42, --dataset "
             "builtin:self-instruct), or for any other model 16 samples of 2048 tokens, float32 on cpu.\n"
             "Progress bars and log lines go to stderr (also into a log file); -q turns them off.\n\n"
-            "example: python -m calibrate smollm2-135m --out plan.safetensors --methods pyramidinfer --target-ratio 0.5"
+            "example: python -m calibrate smollm2-135m --out plan.safetensors --methods pyramidinfer "
+            "--target-ratio 0.5\n\n"
+            "add --push-to-hub me/smollm2-135m-kvplan --hub-revision ratio-0.5 to upload the plan too, with a model "
+            "card"
         ),
     )
     p.add_argument("model", nargs="?", help="alias (e.g. smollm2-135m), HF repo id, model directory or .gguf file")
@@ -90,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave wall-clock timings out of the plan so that reruns are byte-identical (also KVPLAN_REPRODUCIBLE=1)",
     )
+    p.add_argument(
+        "--push-to-hub", metavar="REPO",
+        help="after writing --out, upload the plan, its recipe.yaml and a model card to this Hub model repo "
+        "(org/name, created if missing; needs a token with write access: `hf auth login` or HF_TOKEN; HF_ENDPOINT "
+        "picks another Hub). A failed upload keeps --out and exits 1",
+    )
+    p.add_argument(
+        "--hub-revision", metavar="BRANCH",
+        help="with --push-to-hub: the branch to push to, created from main if missing (default: main)",
+    )
+    p.add_argument(
+        "--private", action="store_true",
+        help="with --push-to-hub: create the repo private (an existing repo keeps its visibility)",
+    )
+    p.add_argument(
+        "--license", metavar="ID",
+        help="with --push-to-hub: the license the model card states, e.g. the base model's (apache-2.0, llama3, "
+        "...) (default: none stated)",
+    )
     p.add_argument("--list-aliases", action="store_true", help="print the built-in model aliases and exit")
     p.add_argument(
         "-q", "--quiet", action="store_true",
@@ -126,6 +151,8 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         from huggingface_hub.utils import logging as hub_logging
 
         hub_logging.set_verbosity_error()
+        for name in ("httpx", "httpx2", "httpcore", "httpcore2"):  # one INFO line per request of a --push-to-hub
+            logging.getLogger(name).setLevel(logging.WARNING)
     if quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         transformers.logging.disable_progress_bar()
@@ -160,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if not args.out.parent.exists():
         print(f"error: the folder of --out ({args.out.parent}) does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    problem = _push_problem(args)
+    if problem is not None:  # before calibrating: the upload would fail after all that work
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         methods = parse_methods(args.methods)
@@ -204,9 +235,69 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: calibration failed: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
 
+    summary = _summary_lines(plan, result)
     if not args.quiet:
-        _print_summary(plan, result, args.out)
+        print(f"wrote {args.out} ({args.out.stat().st_size} bytes)", file=sys.stderr)
+        for line in summary:
+            print(line, file=sys.stderr)
+    if args.push_to_hub:
+        return _push(plan, args, summary)
     return EXIT_OK
+
+
+def _push_problem(args) -> str | None:
+    """Why ``--push-to-hub`` (and its options) cannot work, found before calibrating; None when it can."""
+    if not args.push_to_hub:
+        given = [flag for flag, value in (("--hub-revision", args.hub_revision), ("--private", args.private),
+                                          ("--license", args.license)) if value]
+        verb = "only applies" if len(given) == 1 else "only apply"
+        return f"{', '.join(given)} {verb} with --push-to-hub REPO" if given else None
+    from huggingface_hub import constants, get_token
+
+    from runtime.hub import looks_like_repo_id
+
+    if not looks_like_repo_id(args.push_to_hub):
+        return f"--push-to-hub takes a Hub repo id like 'org/name', not {args.push_to_hub!r}"
+    if constants.is_offline_mode():
+        return "--push-to-hub needs the network, but HF_HUB_OFFLINE=1 is set: unset it, or push later"
+    if get_token() is None:
+        return "--push-to-hub needs a Hub token with write access: run `hf auth login` or set HF_TOKEN"
+    return None
+
+
+def _push(plan, args, summary: list[str]) -> int:
+    """Upload the saved plan with its card (the calibration's own figures under "Measured"); one error line if not."""
+    from huggingface_hub import constants
+
+    from runtime.plan import PlanError
+
+    repo = args.push_to_hub
+    try:
+        sha = plan.push_to_hub(
+            repo, revision=args.hub_revision, private=True if args.private else None, license=args.license,
+            results=_card_results(summary, repo),
+        )
+    except PlanError as exc:
+        print(f"error: {_one_line(exc)} (the plan is saved in {args.out})", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.quiet:
+        print(f"pushed to {constants.ENDPOINT}/{repo} ({args.hub_revision or 'main'}) at commit {sha}; load it "
+              f'with runtime.load_plan("{repo}", revision="{sha}")', file=sys.stderr)
+    return EXIT_OK
+
+
+def _card_results(summary: list[str], repo: str) -> str:
+    """The "Measured" part of a pushed plan's card: what the calibration printed, and how to measure the rest."""
+    return "\n".join([
+        "What `python -m calibrate` printed at the end of the calibration (measured on the calibration data):",
+        "",
+        "```text",
+        *summary,
+        "```",
+        "",
+        f"Not measured for this card: fidelity on held-out text and KV-cache memory (`python -m runtime eval <model> "
+        f"--plan {repo}`) and decode speed (`python -m runtime generate <model> --plan {repo}`).",
+    ])
 
 
 def _one_line(exc: BaseException) -> str:
@@ -214,24 +305,20 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _print_summary(plan, result, out: Path) -> None:
-    err = sys.stderr
-    print(f"wrote {out} ({out.stat().st_size} bytes)", file=err)
-    print(f"methods: {', '.join(plan.methods) or 'none (a plan that changes nothing)'}", file=err)
-    print(
-        f"calibration: {result.calibration_seconds:.1f} s (model load {result.load_seconds:.1f} s, excluded)",
-        file=err,
-    )
+def _summary_lines(plan, result) -> list[str]:
+    """What the calibration found, one line each: methods, time, and every method's report (stderr, the card)."""
+    lines: list[str] = []
+    lines.append(f"methods: {', '.join(plan.methods) or 'none (a plan that changes nothing)'}")
+    lines.append(f"calibration: {result.calibration_seconds:.1f} s (model load {result.load_seconds:.1f} s, excluded)")
     pyr = result.report.get("pyramidinfer")
     if pyr:
         keep = plan.tensors["pyramidinfer.layer_keep"].tolist()
-        print(
+        lines.append(
             f"pyramidinfer: target ratio {pyr['target_ratio']:.4f}, kept at {pyr['calibration_length']} tokens "
             f"{pyr['achieved_ratio_at_calibration_length']:.4f}, mean captured attention mass "
-            f"{pyr['mean_captured_mass']:.4f}",
-            file=err,
+            f"{pyr['mean_captured_mass']:.4f}"
         )
-        print("per-layer keep fractions: " + " ".join(f"{k:.3f}" for k in keep), file=err)
+        lines.append("per-layer keep fractions: " + " ".join(f"{k:.3f}" for k in keep))
     kvs = result.report.get("kvsharer")
     if kvs:
         pairs = ", ".join(f"{l}<-{s}" for l, s in enumerate(kvs["share_source"]) if s != l) or "none"
@@ -240,39 +327,35 @@ def _print_summary(plan, result, out: Path) -> None:
             f"last accepted candidate: cosine {final['cosine']:.4f}, top-1 {final['top1']:.3f}"
             if final else "no candidate passed the threshold"
         )
-        print(
+        lines.append(
             f"kvsharer: {len(kvs['shared_layers'])} layers shared ({pairs}); {kvs['trials']} candidates tried in "
-            f"{kvs['search_seconds']:.1f} s; {last}",
-            file=err,
+            f"{kvs['search_seconds']:.1f} s; {last}"
         )
     kvc = result.report.get("kvcompress")
     if kvc:
         from .kvcompress import budget_table
 
-        for line in budget_table(kvc):
-            print(line, file=err)
+        lines += budget_table(kvc)
     kc = result.report.get("kcache")
     if kc:
         from .kcache import topn_table
 
-        for line in topn_table(kc):
-            print(line, file=err)
+        lines += topn_table(kc)
     split = result.report.get("split")
     if split:
-        print("joint split (shared layers / owners' mean keep / KL / top-1):", file=err)
+        lines.append("joint split (shared layers / owners' mean keep / KL / top-1):")
         for row in split:
             mark = "  <- chosen" if row["chosen"] else ""
-            print(
+            lines.append(
                 f"  {row['shared_layers']:3d} / {row['mean_keep_of_owners']:.3f} / {row['kl']:.4f} / "
-                f"{row['top1']:.3f}{mark}",
-                file=err,
+                f"{row['top1']:.3f}{mark}"
             )
     joint = result.report.get("joint")
     if joint:  # after the split: the joint search ran last, on the chosen sharing map
         from .joint import joint_table
 
-        for line in joint_table(joint):
-            print(line, file=err)
+        lines += joint_table(joint)
+    return lines
 
 
 if __name__ == "__main__":

@@ -588,15 +588,26 @@ class Plan:
     def from_pretrained(
         cls, repo_id: str, revision: str | None = None, filename: str = DEFAULT_FILENAME, **hub_kwargs: Any
     ) -> "Plan":
-        """Download (or find in the HF cache) ``filename`` of Hub repo ``repo_id`` and load it."""
+        """Download (or find in the HF cache) ``filename`` of Hub repo ``repo_id`` and load it.
+
+        ``revision``: a branch, tag or 40-hex commit sha (a cached sha needs no network). ``hub_kwargs``:
+        ``cache_dir``, ``endpoint``, ``local_files_only``, ``token``. Every failure raises :class:`PlanError`.
+        """
         path = hub.download_file(repo_id, revision=revision, filename=filename, **hub_kwargs)
         try:
             return cls.load(path)
         except PlanError as exc:
-            raise PlanError(f"{hub.where(repo_id, filename, revision)}: {exc}") from exc
+            raise PlanError(
+                f"{hub.where(repo_id, filename, revision)}: {exc} (that Hub file is not a plan this kvplan can load: "
+                "check the repo id, revision and filename)"
+            ) from exc
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload the plan, its recipe and a model card to Hub repo ``repo_id``; returns the commit sha."""
+        """Upload the plan, its recipe and a model card to Hub repo ``repo_id``; returns the commit sha.
+
+        ``kwargs``: ``revision`` (a branch, created if missing), ``private``, ``commit_message``, ``token``,
+        ``results`` (measured figures for the card), ``license`` (see :func:`runtime.hub.push_plan`).
+        """
         return hub.push_plan(self, repo_id, **kwargs)
 
     # -- display -------------------------------------------------------------------------------------------
@@ -644,7 +655,7 @@ def _normalize(value: Any) -> Any:
 def load_plan(path_or_repo_id: str | os.PathLike[str], revision: str | None = None, **hub_kwargs: Any) -> Plan:
     """Load a plan from a local file/directory, or else from a Hub repo id (``org/name``).
 
-    ``revision`` and ``hub_kwargs`` (``filename``, ``cache_dir``, ``endpoint``, ``local_files_only``, ...)
+    ``revision`` and ``hub_kwargs`` (``filename``, ``cache_dir``, ``endpoint``, ``local_files_only``, ``token``)
     only apply to Hub downloads. Raises :class:`PlanError` for anything that is not a valid plan.
     """
     if isinstance(path_or_repo_id, os.PathLike) or os.path.exists(path_or_repo_id):

@@ -1,6 +1,8 @@
-"""Plan builders and tiny models for runtime tests."""
+"""Plan builders, tiny models and Hub test plumbing (an endpoint on 127.0.0.1, no internet) for the tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -39,6 +41,87 @@ def tiny_calibration_llama(vocab_size: int, seed: int = 0):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def hub_config(name_or_path: str = "org/base-model"):
+    """The tiny Llama config the Hub tests' plans are made for (4 layers, 4 heads, 2 KV heads, vocab 128)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128,
+    )
+    config._name_or_path = name_or_path
+    return config
+
+
+def hub_plan(name_or_path: str = "org/base-model", **fields) -> Plan:
+    """A PyramidInfer + KVSharer plan for :func:`hub_config`; ``fields`` replace Plan fields (recipe, provenance...)."""
+    values = dict(
+        fingerprint=fingerprint_from_model(hub_config(name_or_path)),
+        methods=("pyramidinfer", "kvsharer"),
+        params={"pyramidinfer": {"window": 8, "sink": 2}},
+        tensors={
+            "pyramidinfer.layer_keep": torch.tensor([1.0, 0.5, 0.5, 0.25]),
+            "kvsharer.share_source": torch.tensor([0, 0, 2, 2], dtype=torch.int32),
+        },
+        target_ratio=0.5,
+        recipe={"alias": "tiny", "pyramidinfer": {"window": 8}},
+        provenance={"seed": 0, "samples": 4},
+    )
+    values.update(fields)
+    return Plan(**values)
+
+
+# Every name lookup but the loopback one fails: a test that uses it cannot reach the internet, whatever a library
+# tries. Applied in-process by forbid_internet, and in a subprocess as the sitecustomize of no_internet_site.
+_NO_INTERNET = '''
+import socket
+
+def loopback_only(lookup):
+    def guarded(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise socket.gaierror(f"this test has no internet (lookup of {host!r})")
+        return lookup(host, *args, **kwargs)
+    return guarded
+'''
+
+
+def forbid_internet(monkeypatch) -> None:
+    """Until the test ends, every name lookup in this process but the loopback one fails."""
+    import socket
+
+    namespace: dict = {}
+    exec(_NO_INTERNET, namespace)  # noqa: S102 (the constant above)
+    monkeypatch.setattr(socket, "getaddrinfo", namespace["loopback_only"](socket.getaddrinfo))
+
+
+def no_internet_site(folder: Path) -> Path:
+    """``folder`` with a ``sitecustomize.py`` that forbids the internet; put it first on a subprocess's PYTHONPATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    install = "\nsocket.getaddrinfo = loopback_only(socket.getaddrinfo)\n"
+    (folder / "sitecustomize.py").write_text(_NO_INTERNET + install)
+    return folder
+
+
+def point_hub_at(monkeypatch, endpoint: str, home: Path, token: str | None = None) -> None:
+    """What HF_ENDPOINT=endpoint, HF_HOME=home, HF_TOKEN=token and HF_HUB_OFFLINE=0 do when set before
+    huggingface_hub is imported (it reads them at import; its own tests patch its constants the same way)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline mode forbids even loopback requests
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
+    if hasattr(constants, "AGENT_HARNESSES_PATH"):  # huggingface_hub 2.x caches a registry it fetches from ENDPOINT
+        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    if token is not None:
+        monkeypatch.setenv("HF_TOKEN", token)
 
 
 def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:

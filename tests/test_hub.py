@@ -12,39 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 import yaml
-from huggingface_hub import ModelCard, constants
+from helpers import forbid_internet, point_hub_at
+from helpers import hub_plan as make_plan
+from huggingface_hub import ModelCard
 
 from runtime.hub import push_plan, render_model_card, write_plan_folder
-from runtime.plan import Plan, PlanError, fingerprint_from_model, load_plan
+from runtime.plan import Plan, PlanError, load_plan
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = "org/name"
-
-
-def make_plan(name_or_path: str = "org/base-model") -> Plan:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    config._name_or_path = name_or_path
-    return Plan(
-        fingerprint=fingerprint_from_model(config),
-        methods=("pyramidinfer", "kvsharer"),
-        params={"pyramidinfer": {"window": 8, "sink": 2}},
-        tensors={
-            "pyramidinfer.layer_keep": torch.tensor([1.0, 0.5, 0.5, 0.25]),
-            "kvsharer.share_source": torch.tensor([0, 0, 2, 2], dtype=torch.int32),
-        },
-        target_ratio=0.5,
-        recipe={"alias": "tiny", "pyramidinfer": {"window": 8}},
-        provenance={"seed": 0, "samples": 4},
-    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -136,10 +113,12 @@ class _ResolveHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hub_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(endpoint URL, mutable file table). Offline mode would forbid even loopback requests, so it is off here."""
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+def hub_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(endpoint URL, mutable file table), online. huggingface_hub's own requests to its endpoint (2.x fetches a
+    registry from it) go to this server too; any other host is refused."""
     server = _FileServer({})
+    forbid_internet(monkeypatch)
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "hf-home")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -269,3 +248,16 @@ def test_model_card_without_hub_base_model() -> None:
     card = ModelCard(render_model_card(make_plan(name_or_path="/models/local-llama")))
     assert card.data.base_model is None
     assert "/models/local-llama" in card.text
+
+
+def test_card_front_matter_states_only_what_the_plan_records() -> None:
+    plan = make_plan(provenance={"data_source": "builtin:self-instruct (427 documents)", "seed": 42})
+    card = ModelCard(render_model_card(plan, "me/plan"))
+    assert card.data.license is None and card.data.datasets is None  # nothing recorded: nothing claimed
+    assert "base_model_revision" not in card.data.to_dict()
+    assert "used only as calibration input" in card.text and "no Hub commit recorded" in card.text
+    assert ModelCard(render_model_card(plan, "me/plan", license="mit")).data.license == "mit"
+    local = make_plan(name_or_path="/models/local", provenance={"data_source": "hf:wikitext[train]"},
+                      recipe={"dataset": "wikitext", "license": "cc-by-sa-3.0"})
+    data = ModelCard(render_model_card(local)).data
+    assert data.datasets == ["wikitext"] and data.license == "cc-by-sa-3.0" and data.base_model is None
