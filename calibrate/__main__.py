@@ -312,15 +312,19 @@ def _summary_lines(plan, result) -> list[str]:
     lines.append(f"calibration: {result.calibration_seconds:.1f} s (model load {result.load_seconds:.1f} s, excluded)")
     pyr = result.report.get("pyramidinfer")
     if pyr:
+        from .pyramidinfer import full_attention_note
+
         keep = plan.tensors["pyramidinfer.layer_keep"].tolist()
         lines.append(
             f"pyramidinfer: target ratio {pyr['target_ratio']:.4f}, kept at {pyr['calibration_length']} tokens "
-            f"{pyr['achieved_ratio_at_calibration_length']:.4f}, mean captured attention mass "
-            f"{pyr['mean_captured_mass']:.4f}"
+            f"{pyr['achieved_ratio_at_calibration_length']:.4f}{full_attention_note(pyr)}, mean captured "
+            f"attention mass {pyr['mean_captured_mass']:.4f}"
         )
         lines.append("per-layer keep fractions: " + " ".join(f"{k:.3f}" for k in keep))
     kvs = result.report.get("kvsharer")
-    if kvs:
+    if kvs and kvs.get("skipped"):
+        lines.append(f"kvsharer: no layer shared: {kvs['skipped']}")
+    elif kvs:
         pairs = ", ".join(f"{l}<-{s}" for l, s in enumerate(kvs["share_source"]) if s != l) or "none"
         final = kvs["final"]
         last = (

@@ -45,7 +45,9 @@ import torch
 from runtime.kvcompress import METHOD, kvc_scores
 
 from .pipeline import CalibrationError
-from .pyramidinfer import CUT_FRACTIONS, GRID, allocate_keep
+from .pyramidinfer import (  # noqa: F401  (precheck: the same target check before any pass)
+    CUT_FRACTIONS, GRID, allocate_keep, fixed_and_stock, full_attention_note, full_attention_ratio, precheck,
+)
 
 log = logging.getLogger(__name__)
 
@@ -436,8 +438,7 @@ def plan_budget(
     full = [kind == "full_attention" for kind in kinds]
     owner = [True] * len(kinds) if sources is None else [src == l for l, src in enumerate(sources)]
     budgeted = [f and o for f, o in zip(full, owner)]
-    held_fixed = sum(min(seq_len, sliding_window or seq_len) for kind in kinds if kind != "full_attention")
-    stock = held_fixed + seq_len * sum(full)
+    held_fixed, stock = fixed_and_stock(kinds, seq_len, sliding_window)
     n_budgeted = sum(budgeted)
     if n_budgeted == 0:
         raise ValueError("this model has no full-attention layers owning a cache for KV-Compress to compress")
@@ -521,8 +522,8 @@ def budget_table(report: dict) -> list[str]:
     """Lines of the per-layer / per-head budget table of a ``ctx.report["kvcompress"]`` (log and CLI)."""
     lines = [
         f"kvcompress: target ratio {report['target_ratio']:.4f}, kept at {report['calibration_length']} tokens "
-        f"{report['achieved_ratio_at_calibration_length']:.4f}; mean captured attention mass "
-        f"{_fmt(report['mean_captured_mass'])} on the text; needle mass kept on the retrieval probes "
+        f"{report['achieved_ratio_at_calibration_length']:.4f}{full_attention_note(report)}; mean captured "
+        f"attention mass {_fmt(report['mean_captured_mass'])} on the text; needle mass kept on the retrieval probes "
         f"{_fmt(report['mean_captured_mass_probes'])} ({report['probes']} probes)",
         "  layer  keep   per-KV-head keep fractions",
     ]
@@ -664,6 +665,7 @@ def calibration_step(ctx) -> None:
     report = {
         "target_ratio": ctx.recipe.target_ratio,
         "achieved_ratio_at_calibration_length": achieved,
+        "full_attention_ratio_at_calibration_length": full_attention_ratio(achieved, ctx.kinds, ctx.seq_len, window),
         "calibration_length": ctx.seq_len,
         "feasible": budget.feasible,
         "budgeted_layers": [l for l, b in enumerate(budget.budgeted) if b],

@@ -370,6 +370,19 @@ def search_log_tensor(entries: list[dict]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 7)
 
 
+def _share_nothing(ctx, reason: str) -> None:
+    """With other methods enabled, a model KVSharer cannot share on still calibrates: the plan keeps KVSharer with
+    every layer owning its cache (no sharing), and the log, report and provenance say why."""
+    log.warning("kvsharer: %s; the plan shares no layer (the other methods are calibrated as usual)", reason)
+    n_layers = len(ctx.kinds)
+    ctx.tensors["kvsharer.share_source"] = torch.arange(n_layers, dtype=torch.int32)
+    ctx.provenance["kvsharer_search"] = {"skipped": reason, "target_shared": 0, "trials": 0, "log": []}
+    ctx.report["kvsharer"] = {
+        "shared_layers": [], "share_source": list(range(n_layers)), "target_shared": 0, "trials": 0,
+        "search_seconds": 0.0, "final": None, "skipped": reason,
+    }
+
+
 def calibration_step(ctx) -> None:
     """KVSharer's calibration step (``runtime.kvsharer.METHOD``): distances from one short pass, then the greedy
     acceptance search through the runtime. The map is written once every step ran (a later PyramidInfer step may
@@ -385,7 +398,14 @@ def calibration_step(ctx) -> None:
     kinds = ctx.kinds
     n_full = sum(1 for k in kinds if k == "full_attention")
     if n_full < 2:
-        raise CalibrationError("KVSharer needs at least two full-attention layers (one to own, one to share)")
+        reason = (
+            f"this model has {n_full} full-attention layer{'' if n_full == 1 else 's'} and KVSharer needs two (one "
+            "to own a cache, one to read it; sliding-window layers never share)"
+        )
+        if ctx.methods == ("kvsharer",):
+            raise CalibrationError(f"{reason}: nothing to calibrate; leave kvsharer out of --methods")
+        _share_nothing(ctx, reason)
+        return
     searched = split_is_searched(ctx.recipe, ctx.methods)
     if searched:
         target = largest_split(n_full)

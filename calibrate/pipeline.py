@@ -6,7 +6,8 @@ layers KVSharer left owning a cache) → Plan (with the resolved recipe and prov
 
 Nothing here names a method: the steps are ``calibrate/<method>.py:calibration_step``, found through each method's
 registration, and they write their tensors, parameters, report and provenance into one
-:class:`CalibrationContext`.
+:class:`CalibrationContext`. A module may also define ``precheck(ctx)``: every enabled method's runs before the
+first step (inputs a later step would refuse fail before an earlier step's passes).
 """
 
 from __future__ import annotations
@@ -134,6 +135,14 @@ def _step(spec) -> Callable[[CalibrationContext], None]:
     return getattr(importlib.import_module(module_name), function)
 
 
+def _precheck(spec) -> Callable[[CalibrationContext], None] | None:
+    """The optional ``precheck(ctx)`` of a method's calibration module: run for every enabled method before any
+    step, so that inputs a later step would refuse (e.g. a target ratio the model cannot reach) fail before the
+    earlier steps' passes."""
+    module_name, _, _ = spec.calibration_step.partition(":")
+    return getattr(importlib.import_module(module_name), "precheck", None)
+
+
 def calibrate_model(
     model: torch.nn.Module, tokenizer, recipe: Recipe, *, methods: tuple[str, ...] | None = None,
     progress: bool = True, search_seconds: float | None = None,
@@ -155,7 +164,12 @@ def calibrate_model(
         seq_len=max(int(s.numel()) for s in data.samples), report={"methods": list(methods)},
         target_ratio=recipe.target_ratio if methods else None,
     )
-    for spec in sorted(registry.specs(methods), key=lambda s: s.calibration_order):
+    steps = sorted(registry.specs(methods), key=lambda s: s.calibration_order)
+    for spec in steps:
+        check = _precheck(spec)
+        if check is not None:
+            check(ctx)
+    for spec in steps:
         _step(spec)(ctx)
     for finalize in ctx.finalizers:
         finalize()

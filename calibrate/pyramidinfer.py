@@ -234,6 +234,63 @@ def allocate_keep(
     return keep
 
 
+def fixed_and_stock(layer_kinds: list[str], seq_len: int, sliding_window: int | None) -> tuple[int, int]:
+    """Tokens per KV head that the sliding-window layers hold at ``seq_len`` (``min(seq_len, window)`` each: no method
+    compresses them, so they are fixed) and that the stock cache holds over every layer."""
+    held_fixed = sum(min(seq_len, sliding_window or seq_len) for kind in layer_kinds if kind != "full_attention")
+    return held_fixed, held_fixed + seq_len * sum(kind == "full_attention" for kind in layer_kinds)
+
+
+def full_attention_ratio(
+    achieved: float, layer_kinds: list[str], seq_len: int, sliding_window: int | None
+) -> float | None:
+    """The kept fraction of the *full-attention* layers' stock bytes that a kept fraction ``achieved`` of the whole
+    stock cache (every layer, at ``seq_len``) is; None for a model without sliding-window layers (the same number)."""
+    held_fixed, stock = fixed_and_stock(layer_kinds, seq_len, sliding_window)
+    if held_fixed == 0 or stock == held_fixed:
+        return None
+    return (achieved * stock - held_fixed) / (stock - held_fixed)
+
+
+def full_attention_note(report: dict) -> str:
+    """What a report's kept ratio is of the full-attention layers' bytes, for a model with sliding-window layers
+    (``" of every layer's KV bytes (0.5000 of the full-attention layers')"``); empty otherwise."""
+    ratio = report.get("full_attention_ratio_at_calibration_length")
+    return "" if ratio is None else f" of every layer's KV bytes ({ratio:.4f} of the full-attention layers')"
+
+
+def check_target_reachable(
+    layer_kinds: list[str], target_ratio: float, seq_len: int, sliding_window: int | None
+) -> None:
+    """``ValueError`` saying why, when the sliding-window layers alone hold more than ``target_ratio`` of the stock
+    cache at ``seq_len``: no plan can reach the target (nothing compresses those layers)."""
+    held_fixed, stock = fixed_and_stock(layer_kinds, seq_len, sliding_window)
+    if held_fixed == 0 or target_ratio * stock >= held_fixed:
+        return
+    n_sliding = sum(kind != "full_attention" for kind in layer_kinds)
+    fixed = held_fixed / stock
+    raise ValueError(
+        f"target ratio {target_ratio:g} cannot be reached on this model: --target-ratio counts every layer's KV "
+        f"bytes, and its {n_sliding} sliding-window layers (window {sliding_window}) alone hold {fixed:.4f} of the "
+        f"stock cache at the calibration length ({seq_len} tokens); no method compresses them (they are bounded by "
+        f"their window already). Keeping a fraction r of the {len(layer_kinds) - n_sliding} full-attention layers' "
+        f"bytes is --target-ratio {fixed:.4f} + {1 - fixed:.4f} r at {seq_len} tokens (r = 1/2: "
+        f"{fixed + (1 - fixed) / 2:.4f}, r = 1/4: {fixed + (1 - fixed) / 4:.4f})"
+    )
+
+
+def precheck(ctx) -> None:
+    """Before any calibration pass (``calibrate.pipeline``): refuse a target the sliding-window layers alone exceed."""
+    from .pipeline import CalibrationError
+
+    try:
+        check_target_reachable(
+            ctx.kinds, ctx.recipe.target_ratio, ctx.seq_len, getattr(ctx.config, "sliding_window", None)
+        )
+    except ValueError as exc:
+        raise CalibrationError(str(exc)) from None
+
+
 def calibrate_layer_keep(
     observer: CapturedMassObserver, layer_kinds: list[str], target_ratio: float, seq_len: int,
     sliding_window: int | None, sources: list[int] | None = None,
@@ -250,10 +307,7 @@ def calibrate_layer_keep(
     full = [kind == "full_attention" for kind in layer_kinds]
     owner = [True] * len(layer_kinds) if sources is None else [src == l for l, src in enumerate(sources)]
     budgeted = [f and o for f, o in zip(full, owner)]
-    held_fixed = sum(
-        min(seq_len, sliding_window or seq_len) for kind in layer_kinds if kind != "full_attention"
-    )
-    stock = held_fixed + seq_len * sum(full)
+    held_fixed, stock = fixed_and_stock(layer_kinds, seq_len, sliding_window)
     n_full = sum(budgeted)
     if n_full == 0:
         raise ValueError("this model has no full-attention layers for PyramidInfer to compress")
@@ -272,6 +326,10 @@ def calibrate_layer_keep(
     report = {
         "target_ratio": target_ratio,
         "achieved_ratio_at_calibration_length": kept_tokens / stock,
+        # with sliding-window layers: the same bytes as a fraction of the full-attention layers' stock bytes
+        "full_attention_ratio_at_calibration_length": full_attention_ratio(
+            kept_tokens / stock, layer_kinds, seq_len, sliding_window
+        ),
         "calibration_length": seq_len,
         "mean_captured_mass": float(captured[torch.tensor(budgeted)].mean()),
         "observations_per_layer": int(observer.counts.max()),

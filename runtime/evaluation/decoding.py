@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..cache import cache_argument, physical_bytes, store_bytes, value_rows
+from ..cache import cache_argument, full_attention_bytes, physical_bytes, store_bytes, value_rows
 from .methods import Method
 
 
@@ -28,6 +28,8 @@ class RunStats:
         store_bytes: of ``physical_bytes``, what lives in KCache value stores (0 without KCache).
         value_rows_read / value_rows_held: value rows the last decode step read, and the rows held, over every
             cache-owning layer (``runtime.cache.value_rows``).
+        full_attention_bytes: of ``physical_bytes``, what the full-attention layers held (None for a model without
+            sliding-window layers).
     """
 
     physical_bytes: int
@@ -38,11 +40,15 @@ class RunStats:
     store_bytes: int = 0
     value_rows_read: int = 0
     value_rows_held: int = 0
+    full_attention_bytes: int | None = None
 
 
-def _stats(cache, seen: int, prefill: float, decode: float, steps: int) -> RunStats:
+def _stats(cache, config, seen: int, prefill: float, decode: float, steps: int) -> RunStats:
     read, held = value_rows(cache)
-    return RunStats(physical_bytes(cache), seen, prefill, decode, steps, store_bytes(cache), read, held)
+    return RunStats(
+        physical_bytes(cache), seen, prefill, decode, steps, store_bytes(cache), read, held,
+        full_attention_bytes(cache, config),
+    )
 
 
 def _device(model) -> torch.device:
@@ -75,7 +81,7 @@ def teacher_forced(
         decode = time.perf_counter() - start
     # tokens fed per row (not the cache's own count: a peer's compressed cache may report what it holds)
     seen = context.shape[1] + continuation.shape[1] - 1
-    stats = _stats(cache, seen, prefill, decode, continuation.shape[1] - 1)
+    stats = _stats(cache, model.config, seen, prefill, decode, continuation.shape[1] - 1)
     return torch.stack(steps, dim=1), stats
 
 
@@ -101,5 +107,5 @@ def answer(
             tokens.append(out.logits[:, -1].argmax(-1))
         decode = time.perf_counter() - start
     seen = context.shape[1] + (question.shape[1] if question is not None else 0) + max_new_tokens - 1
-    stats = _stats(cache, seen, prefill, decode, max_new_tokens - 1)
+    stats = _stats(cache, model.config, seen, prefill, decode, max_new_tokens - 1)
     return torch.stack(tokens, dim=1).cpu(), stats

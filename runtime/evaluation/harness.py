@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..cache import stock_bytes
+from ..cache import stock_bytes, stock_full_attention_bytes
 from . import continuation, leval, lm, retrieval
 from .methods import Method
 from .texts import read_qa, read_texts, token_stream, windows
@@ -55,6 +55,20 @@ def _memory(method: Method, model, stats, batch: int) -> dict:
         "decode_tok_s": batch * stats.decode_steps / stats.decode_seconds if stats.decode_seconds > 0 else None,
         "store_bytes": stats.store_bytes,
         "values_read_fraction": stats.value_rows_read / stats.value_rows_held if stats.value_rows_held else None,
+        **_full_attention_memory(model, stats, batch, dtype),
+    }
+
+
+def _full_attention_memory(model, stats, batch: int, dtype: torch.dtype) -> dict:
+    """With sliding-window layers (their window is held whatever the plan): the full-attention layers' physical
+    bytes and their stock bytes (a DynamicCache holding every token there), the part a plan compresses."""
+    if stats.full_attention_bytes is None:
+        return {}
+    stock = stock_full_attention_bytes(model.config, stats.seen, batch, dtype)
+    return {
+        "full_attention_physical_bytes": stats.full_attention_bytes,
+        "full_attention_stock_bytes": stock,
+        "full_attention_physical_over_stock": stats.full_attention_bytes / stock,
     }
 
 
@@ -186,6 +200,8 @@ def render(report: dict) -> str:
         extra = ""
         if "kl" in row:
             extra = f"KL {row['kl']:.4f}, top-1 {row['top1_agreement']:.3f}"
+            if row.get("full_attention_physical_over_stock") is not None:
+                extra += f", full-attention layers phys/stock {row['full_attention_physical_over_stock']:.3f}"
             if row.get("store_bytes"):
                 extra += (f", values read {row['values_read_fraction']:.3f}, "
                           f"value store {row['store_bytes'] / mib:.1f} MiB")
