@@ -218,13 +218,20 @@ def calibration_markdown(plan: runtime.Plan) -> str:
     return "\n".join(lines)
 
 
-def render(folder: Path) -> str:
+def render(folder: Path, base_model: str | None = None, license: str | None = None) -> str:
+    """Re-render the card; ``base_model`` / ``license`` (given once) are kept in ``measured.json`` for later renders."""
     plan = runtime.load_plan(folder)
-    meta = json.loads((folder / "measured.json").read_text())
+    meta_file = folder / "measured.json"
+    meta = json.loads(meta_file.read_text())
+    for key, value in (("base_model", base_model), ("license", license)):
+        if value is not None and meta.get(key) != value:
+            meta[key] = value
+            meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     results = measured_markdown(folder)
     made = ["", "## How it was made", "", "```bash", meta["calibrate_command"], "```", "",
             calibration_markdown(plan), "", "![the plan](inspect.png)"]
-    text = hub.render_model_card(plan, results=results + "\n" + "\n".join(made))
+    text = hub.render_model_card(plan, results=results + "\n" + "\n".join(made),
+                                 base_model=meta.get("base_model"), license=meta.get("license"))
     (folder / "README.md").write_text(text, encoding="utf-8")
     return text
 
@@ -257,7 +264,7 @@ def make(args) -> None:
         "commands": commands,
     }
     (folder / "measured.json").write_text(json.dumps(meta, indent=2) + "\n")
-    render(folder)
+    render(folder, args.base_model, args.license)
     log(f"wrote {folder}")
 
 
@@ -274,13 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--calibrate-command", help="the command that made the plan (shown in the card)")
     r = sub.add_parser("render", help="re-render README.md from the folder's JSONs")
     r.add_argument("folder", type=Path)
+    for q in (m, r):
+        q.add_argument("--base-model", help="Hub repo id the plan is for, when it was calibrated on a GGUF/local copy "
+                                            "(default: the plan's recipe's base_model; kept for later renders)")
+        q.add_argument("--license", help="the card's license id (default: the recipe's; kept for later renders)")
     args = p.parse_args(argv)
     if args.command == "make":
         if not args.plan or not Path(args.plan).exists():
             p.error(f"--plan: no such file {args.plan}")
         make(args)
     else:
-        render(args.folder)
+        render(args.folder, args.base_model, args.license)
     return 0
 
 

