@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         "smollm2-135m and without a recipe)",
     )
     p.add_argument(
+        "--max-memory", metavar="SPEC",
+        help="place the model with accelerate (implies --device auto) and cap what each device may hold: a comma list "
+        "of DEVICE=SIZE, DEVICE a GPU index, cpu, mps or disk, SIZE bytes or e.g. 75GiB / 100GB / 512MiB. Layers that "
+        "do not fit go to the next device in the order GPUs, cpu, disk (offloaded weights are loaded one layer at a "
+        "time). e.g. 0=75GiB,cpu=100GiB (one 80 GB GPU), or cpu=2GiB (CPU only, the rest read from disk) (default: "
+        "the recipe's max_memory: none, accelerate's own estimate)",
+    )
+    p.add_argument(
+        "--offload-folder", metavar="DIR", type=Path,
+        help="with --device auto / --max-memory: where accelerate may write weights offloaded to disk (safetensors "
+        "checkpoints are read in place; weights converted while loading, e.g. to another dtype or from .bin, are "
+        "written here), created if missing and kept (default: a temporary folder under $KVPLAN_CACHE/offload, "
+        "removed when the calibration ends)",
+    )
+    p.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"),
         help="model dtype (default: the recipe's; float32 for smollm2-135m and without a recipe)",
     )
@@ -141,6 +156,58 @@ def parse_methods(text: str | None) -> list[str] | None:
     return items
 
 
+MAX_MEMORY_DEVICES = ("cpu", "mps", "disk")
+
+
+def parse_max_memory(text: str | None) -> dict[str, str] | None:
+    """``"0=75GiB,cpu=100GiB"`` → ``{"0": "75GiB", "cpu": "100GiB"}`` (a recipe's ``max_memory``); ``None`` → None.
+
+    Raises:
+        ValueError: not a comma list of ``DEVICE=SIZE`` with known devices (GPU index, ``cuda:N``, cpu, mps, disk),
+            each once, and sizes accelerate understands.
+    """
+    if text is None:
+        return None
+    from runtime.models import memory_size
+
+    example = "e.g. --max-memory 0=75GiB,cpu=100GiB"
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"--max-memory takes a comma list of DEVICE=SIZE, {example}")
+    out: dict[str, str] = {}
+    for item in items:
+        device, sep, size = (part.strip() for part in item.partition("="))
+        device = device.lower()
+        if device.startswith("cuda:") and device[5:].isdigit():
+            device = device[5:]
+        if not sep or not device or not size:
+            raise ValueError(f"--max-memory: {item!r} is not DEVICE=SIZE ({example})")
+        if not (device.isdigit() or device in MAX_MEMORY_DEVICES):
+            raise ValueError(f"--max-memory: unknown device {device!r}; use a GPU index (0, 1, ...), cpu, mps or disk")
+        device = str(int(device)) if device.isdigit() else device
+        if device in out:
+            raise ValueError(f"--max-memory gives device {device!r} twice")
+        try:
+            memory_size(size)
+        except ValueError as exc:
+            raise ValueError(f"--max-memory {device}: {exc}") from None
+        out[device] = size
+    return out
+
+
+def _placement(args) -> tuple[str | None, dict[str, str] | None]:
+    """The --device and max_memory overrides: --max-memory implies --device auto (and refuses another device)."""
+    max_memory = parse_max_memory(args.max_memory)
+    if max_memory is None:
+        return args.device, None
+    if args.device not in (None, "auto"):
+        raise ValueError(
+            f"--max-memory places the model with accelerate (--device auto); it cannot be combined with --device "
+            f"{args.device} (leave --device out, or pass --device auto)"
+        )
+    return "auto", max_memory
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
@@ -199,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             from .kvsharer import parse_share_layers
 
             method_args = {"kvsharer": {"share_layers": parse_share_layers(args.share_layers)}}
+        device, max_memory = _placement(args)
         recipe = resolve_recipe(args.model, args.recipe).with_overrides(
             method_args=method_args,
             methods=methods,
@@ -207,17 +275,27 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_length=args.max_seq_length,
             dataset=args.dataset,
             seed=args.seed,
-            device=args.device,
+            device=device,
+            max_memory=max_memory,
             dtype=args.dtype,
         )
         check_methods(list(recipe.methods))
+        if args.offload_folder is not None and recipe.device != "auto":
+            raise ValueError(
+                f"--offload-folder only applies when accelerate places the model (--device auto or --max-memory); "
+                f"the device here is {recipe.device}"
+            )
+        if args.offload_folder is not None and args.offload_folder.exists() and not args.offload_folder.is_dir():
+            raise ValueError(f"--offload-folder {args.offload_folder} exists and is not a folder")
     except (ValueError, RecipeError, CalibrationError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
     try:
         # progress bars on stderr whether or not it is a terminal (tqdm writes to a log file too); -q: none
-        result = calibrate(recipe, progress=not args.quiet, search_seconds=args.search_seconds)
+        result = calibrate(
+            recipe, progress=not args.quiet, search_seconds=args.search_seconds, offload_folder=args.offload_folder
+        )
         plan = result.plan
         if args.reproducible or os.environ.get("KVPLAN_REPRODUCIBLE") == "1":
             for key in TIMING_KEYS:
@@ -310,6 +388,10 @@ def _summary_lines(plan, result) -> list[str]:
     lines: list[str] = []
     lines.append(f"methods: {', '.join(plan.methods) or 'none (a plan that changes nothing)'}")
     lines.append(f"calibration: {result.calibration_seconds:.1f} s (model load {result.load_seconds:.1f} s, excluded)")
+    placed = plan.provenance.get("device_map")
+    if placed:
+        lines.append("placement (accelerate device_map, modules per device): "
+                     + ", ".join(f"{device} {count}" for device, count in placed.items()))
     pyr = result.report.get("pyramidinfer")
     if pyr:
         from .pyramidinfer import full_attention_note

@@ -20,6 +20,7 @@ from runtime.apply import apply_plan
 from runtime.cache import cache_argument
 from runtime.evaluation.lm import agreement_and_kl
 from runtime.kvsharer import parse_share_layers
+from runtime.models import input_device
 from runtime.plan import Plan, fingerprint_from_model
 
 from .kvsharer import sharing_plan
@@ -56,7 +57,7 @@ class ContinuationFidelity:
     ):
         self.stepwise = stepwise  # feed the continuation one token at a time, as decoding does (KCache's top-N)
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         usable = [s for s in samples if s.numel() > 2 * continuation]
         if not usable:
             raise ValueError(f"calibration samples must be longer than {2 * continuation} tokens to score splits")

@@ -16,6 +16,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from runtime.attention import register_attention
+from runtime.models import input_device
 
 COLLECT_NAME = "kvplan-collect"
 OBSERVER_KWARG = "kvplan_observers"
@@ -56,11 +57,14 @@ def run_calibration_pass(
 ) -> float:
     """Forward every sample (1-D token ids) once with the observers attached; returns the wall time in seconds.
 
-    The model's attention implementation is switched to the collector for the pass and restored afterwards.
+    The model's attention implementation is switched to the collector for the pass and restored afterwards. A model
+    dispatched by accelerate (``device_map``, weights offloaded to the CPU or disk) runs as its hooks place it: every
+    layer on its own execution device, one layer's weights loaded at a time; observers get each layer's tensors on
+    that layer's device.
     """
     register_attention(COLLECT_NAME, _collect_attention)
     previous = model.config._attn_implementation
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's execution device (accelerate-dispatched models too)
     start = time.perf_counter()
     model.set_attn_implementation(COLLECT_NAME)
     try:

@@ -263,7 +263,7 @@ class TopNErrorObserver:
         else:
             if owner not in self._held:
                 raise RuntimeError(f"kcache: layer {layer_idx} reads layer {owner}, whose keys were not seen first")
-            key, value = self._held[owner]
+            key, value = (held.to(query.device) for held in self._held[owner])  # devices may differ per layer
         errors, norm = sample_errors(query, key, value, scaling, self.queries, self.grid, self.estimator)
         self.errors[layer_idx] += errors
         self.norms[layer_idx] += norm

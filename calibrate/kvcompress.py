@@ -272,7 +272,9 @@ class HeadMassObserver:
             self._keys[owner] = key
         self._queries[layer_idx] = query
         if owner in self._keys and all(m in self._queries for m in members):
-            self._observe_group(members, [self._queries.pop(m) for m in members], self._keys.pop(owner), scaling)
+            device = query.device  # the group's last layer's: layers may run on different devices
+            queries = [self._queries.pop(m).to(device) for m in members]
+            self._observe_group(members, queries, self._keys.pop(owner).to(device), scaling)
 
     def end_sample(self) -> None:
         self._sample += 1

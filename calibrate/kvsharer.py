@@ -31,6 +31,7 @@ import torch
 from runtime.apply import apply_plan
 from runtime.evaluation.lm import agreement_and_kl
 from runtime.kvsharer import METHOD, METRICS, ORDERS, parse_share_layers  # noqa: F401  (re-exported)
+from runtime.models import input_device
 from runtime.plan import Plan, fingerprint_from_model
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class AttentionErrorObserver:
 
     For every sample, over its first ``tokens`` positions: ``err[i, j] += ||A(q_i, k_j, v_j) - A(q_i, k_i, v_i)||
     / ||A(q_i, k_i, v_i)||`` (causal attention, all heads), for ``i > j``. This measures the sharing itself, one
-    pair at a time, from the same short pass as the distances — no model re-runs.
+    pair at a time, from the same short pass as the distances — no model re-runs. Layer ``i``'s errors are taken
+    when it runs; only the earlier layers' K/V of the current sample are held (no queries, no attention maps).
     """
 
     num_layers: int
@@ -148,22 +150,21 @@ class AttentionErrorObserver:
         if layer_idx >= self.num_layers:
             return
         n = min(self.tokens, key.shape[2])
-        self._held[layer_idx] = (query[:, :, :n].float(), key[:, :, :n].float(), value[:, :, :n].float(), scaling)
+        q, k, v = query[:, :, :n].float(), key[:, :, :n].float(), value[:, :, :n].float()
+        with torch.no_grad():
+            own = _causal_attention(q, k, v, scaling)
+            norm = own.norm().clamp(min=1e-12)
+            for j in sorted(self._held):
+                if j >= layer_idx:
+                    break
+                kj, vj = self._held[j]
+                if kj.shape != k.shape:
+                    continue
+                kj, vj = kj.to(q.device), vj.to(q.device)  # layers may run on different devices
+                self.error[layer_idx, j] += float((_causal_attention(q, kj, vj, scaling) - own).norm() / norm)
+        self._held[layer_idx] = (k, v)
 
     def end_sample(self) -> None:
-        layers = sorted(self._held)
-        with torch.no_grad():
-            for i in layers:
-                q, k, v, scale = self._held[i]
-                own = _causal_attention(q, k, v, scale)
-                norm = own.norm().clamp(min=1e-12)
-                for j in layers:
-                    if j >= i:
-                        break
-                    _, kj, vj, _ = self._held[j]
-                    if kj.shape != k.shape:
-                        continue
-                    self.error[i, j] += float((_causal_attention(q, kj, vj, scale) - own).norm() / norm)
         self.samples += 1
         self._held.clear()
 
@@ -256,7 +257,7 @@ class Acceptance:
     def __init__(self, model, windows: Sequence[torch.Tensor], logit_positions: int = 64):
         self.model = model
         self.windows = [w[None, :] if w.dim() == 1 else w for w in windows]
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.logit_positions = logit_positions
         self.reference = [self._hidden(w) for w in self.windows]
         self.reference_logprobs = [self._logprobs(h) for h in self.reference]

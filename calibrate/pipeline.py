@@ -12,13 +12,17 @@ first step (inputs a later step would refuse fail before an earlier step's passe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import platform
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +31,7 @@ from tqdm.auto import tqdm
 
 from runtime import registry
 from runtime.cache import layer_types
-from runtime.models import load_model
+from runtime.models import default_cache_dir, load_model
 from runtime.plan import Plan, fingerprint_from_model
 
 from . import joint
@@ -116,18 +120,55 @@ class CalibrationResult:
     calibration_seconds: float
 
 
-def calibrate(recipe: Recipe, *, progress: bool = True, search_seconds: float | None = None) -> CalibrationResult:
-    """Run the whole calibration for ``recipe`` and return the plan (not yet saved)."""
+def calibrate(
+    recipe: Recipe, *, progress: bool = True, search_seconds: float | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+) -> CalibrationResult:
+    """Run the whole calibration for ``recipe`` and return the plan (not yet saved).
+
+    With ``device: auto`` the model is placed by accelerate (``max_memory``: what each device may hold; the rest is
+    offloaded to the CPU and then to disk) and every stage runs it as placed. ``offload_folder`` is where accelerate
+    may write weights it offloads to disk (default: a temporary folder under the kvplan cache, removed afterwards).
+    """
     methods = check_methods(list(recipe.methods))
-    loaded = load_model(recipe, progress=progress)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    result = calibrate_model(model, tokenizer, recipe, methods=methods, progress=progress,
-                             search_seconds=search_seconds)
+    with _offload_folder(recipe, offload_folder) as folder:
+        loaded = load_model(recipe, progress=progress, offload_folder=folder)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        result = calibrate_model(model, tokenizer, recipe, methods=methods, progress=progress,
+                                 search_seconds=search_seconds)
     if loaded.revision:
         result.plan.fingerprint["revision"] = loaded.revision
     result.load_seconds = loaded.load_seconds
     result.plan.provenance["model_load_seconds"] = round(loaded.load_seconds, 3)
     return result
+
+
+@contextlib.contextmanager
+def _offload_folder(recipe: Recipe, folder: str | os.PathLike[str] | None) -> Iterator[str | None]:
+    """The disk offload folder for loading ``recipe``'s model: ``folder`` (created if missing, kept), a temporary
+    one under ``<kvplan cache>/offload/`` with ``device: auto`` (removed on exit), or None (nothing is offloaded)."""
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield str(folder)
+    elif recipe.device != "auto":
+        yield None
+    else:
+        root = default_cache_dir() / "offload"
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="calibrate-", dir=root) as temp:
+            yield temp
+
+
+def device_map_summary(model: torch.nn.Module) -> dict[str, int] | None:
+    """How accelerate placed a dispatched model: modules of its ``hf_device_map`` per device (``{"0": 30, "cpu": 2,
+    "disk": 3}``), or None for a model loaded without a device map."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return None
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return counts
 
 
 def _step(spec) -> Callable[[CalibrationContext], None]:
@@ -189,6 +230,7 @@ def calibrate_model(
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device_map": device_map_summary(model),
         **ctx.provenance,
     }
     plan = Plan(
@@ -203,4 +245,7 @@ def calibrate_model(
     return CalibrationResult(plan=plan, report=ctx.report, load_seconds=0.0, calibration_seconds=seconds)
 
 
-__all__ = ["CalibrationContext", "CalibrationError", "CalibrationResult", "calibrate", "calibrate_model", "check_methods"]
+__all__ = [
+    "CalibrationContext", "CalibrationError", "CalibrationResult", "calibrate", "calibrate_model", "check_methods",
+    "device_map_summary",
+]

@@ -31,6 +31,7 @@ from transformers import DynamicCache
 
 from runtime.apply import apply_plan
 from runtime.cache import cache_argument
+from runtime.models import input_device
 from runtime.plan import Plan
 
 from .kvcompress import Probe, build_probes
@@ -42,7 +43,7 @@ class ProbeRetention:
     """How many calibration retrieval probes a plan still answers, of those the full cache answers.
 
     Args:
-        model: a causal LM (CPU or CUDA; token ids are moved to the device of its first parameter).
+        model: a causal LM (CPU, CUDA or dispatched by accelerate; token ids go to its embedding's execution device).
         tokenizer: the model's tokenizer (encodes needle, question and answer).
         samples: calibration samples, int64 ``[T_i]`` each (the haystacks are cut from them).
         count / length / seed / sink / window: :func:`calibrate.kvcompress.build_probes`'s ``count``, ``limit``,
@@ -59,7 +60,7 @@ class ProbeRetention:
         sink: int = 4, window: int = 32, progress: Callable | None = None,
     ):
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.progress = progress
         self.probes, skipped = build_probes(tokenizer, samples, count, length, seed, sink, window)
         if not self.probes:

@@ -103,8 +103,9 @@ class CapturedMassObserver:
             self._keys[layer_idx] = key
         for reader, source in self.pairs:
             if reader == layer_idx and source in self._keys:
+                source_keys = self._keys[source].to(query.device)  # layers may run on different devices
                 for t in cuts:
-                    self.pair_curves[(reader, source)] += self._curve(query, self._keys[source], scaling, t)
+                    self.pair_curves[(reader, source)] += self._curve(query, source_keys, scaling, t)
                     self.pair_counts[(reader, source)] += 1
 
     def end_sample(self) -> None:

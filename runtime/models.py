@@ -53,7 +53,9 @@ __all__ = [
     "default_cache_dir",
     "file_sha256",
     "gguf_metadata_string",
+    "input_device",
     "load_model",
+    "memory_size",
     "resolve_model_source",
 ]
 
@@ -354,15 +356,67 @@ def _captured_stderr(enabled: bool) -> Iterator[None]:
         yield
 
 
-def _placement_kwargs(recipe: ModelSpec) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments for the recipe's device (and max_memory)."""
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def memory_size(value: str | int) -> int:
+    """Bytes in a ``max_memory`` value: a byte count, or a size like ``75GiB``, ``100GB``, ``512MiB``, ``1.5GiB``.
+
+    Raises:
+        ValueError: not a positive size (the message names the accepted forms).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE_RE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a memory size; use a byte count or a number with a unit: B, KB, MB, GB, TB "
+                "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 75GiB"
+            )
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+    if size <= 0:
+        raise ValueError(f"a memory size must be more than 0 bytes, got {value!r}")
+    return size
+
+
+def _max_memory_kwarg(max_memory: dict[str, str | int]) -> dict[int | str, int]:
+    """accelerate's ``max_memory`` (GPU indices as ints, sizes in bytes) from a recipe's; refuses GPUs not here."""
+    out: dict[int | str, int] = {}
+    for key, value in max_memory.items():
+        try:
+            size = memory_size(value)
+        except ValueError as error:
+            raise ModelSourceError(f"max_memory {key}: {error}") from None
+        if key.isdigit():
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if int(key) >= visible:
+                raise ModelSourceError(
+                    f"max_memory names GPU {key}, but {visible} CUDA device(s) are visible here; give only "
+                    f"{'cpu and disk' if visible == 0 else 'indices below ' + str(visible) + ', cpu and disk'}"
+                )
+            out[int(key)] = size
+        else:
+            out[key] = size
+    return out
+
+
+def _placement_kwargs(recipe: ModelSpec, offload_folder: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for the recipe's device (and max_memory, and the disk offload folder
+    accelerate writes weights to when they must be converted on the way to disk)."""
     device = recipe.device
     if device == "cpu":
         return {}
     if device == "auto":
         kwargs: dict[str, Any] = {"device_map": "auto"}
         if recipe.max_memory:
-            kwargs["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in recipe.max_memory.items()}
+            kwargs["max_memory"] = _max_memory_kwarg(recipe.max_memory)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
         return kwargs
     if not torch.cuda.is_available():
         raise ModelSourceError(
@@ -374,6 +428,24 @@ def _placement_kwargs(recipe: ModelSpec) -> dict[str, Any]:
             f"the recipe asks for device {device!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible"
         )
     return {"device_map": {"": f"cuda:{index}"}}
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a forward's token ids go: the input embedding's execution device.
+
+    For a model dispatched by accelerate (``device_map``) that is the device its hook runs the embedding on, even
+    when the weights are offloaded to the CPU or to disk (their parameters then sit on ``meta``); otherwise the
+    embedding weight's device. Never ``meta``: a model with no data anywhere runs on the CPU.
+    """
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)  # accelerate's AlignDevicesHook (dispatch_model)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    return torch.device("cpu")
 
 
 def _dtype_kwarg(recipe: ModelSpec) -> Any:
@@ -512,14 +584,15 @@ def _ensure_converted(gguf_path: Path, cache_root: Path, *, quiet: bool) -> tupl
 
 
 def _from_pretrained(
-    location: str, recipe: ModelSpec, *, revision: str | None, hf_cache_dir: str | None
+    location: str, recipe: ModelSpec, *, revision: str | None, hf_cache_dir: str | None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[Any, Any]:
     """Model and tokenizer from a local directory or a hub repo."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     hub = {"revision": revision, "cache_dir": hf_cache_dir} if revision else {}
     model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=_dtype_kwarg(recipe), **_placement_kwargs(recipe), **hub
+        location, dtype=_dtype_kwarg(recipe), **_placement_kwargs(recipe, offload_folder), **hub
     )
     if recipe.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer, cache_dir=hf_cache_dir)
@@ -534,6 +607,7 @@ def load_model(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     hf_cache_dir: str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load the recipe's model (eval mode) and tokenizer.
 
@@ -542,6 +616,8 @@ def load_model(
         cache_dir: kvplan cache root (converted GGUFs, assembled files); default :func:`default_cache_dir`.
         progress: show transformers / hub / GGUF progress bars.
         hf_cache_dir: Hugging Face hub cache to use instead of the default one.
+        offload_folder: with ``device: auto``, where accelerate may write weights it offloads to disk (it reads
+            safetensors checkpoints in place and writes only converted weights; transformers asks for a folder then).
 
     Raises:
         ModelSourceError: the weights cannot be found or placed as the recipe asks.
@@ -559,7 +635,9 @@ def load_model(
             hub_revision = revision if source.kind == "hub" else None
         start = time.perf_counter()
         try:
-            model, tokenizer = _from_pretrained(location, recipe, revision=hub_revision, hf_cache_dir=hf_cache_dir)
+            model, tokenizer = _from_pretrained(
+                location, recipe, revision=hub_revision, hf_cache_dir=hf_cache_dir, offload_folder=offload_folder
+            )
         except OSError as error:
             if source.kind == "hub" and source.gguf_path is None:
                 raise _hub_error(recipe, "the weights", error) from error

@@ -170,7 +170,11 @@ def test_device_auto_uses_accelerate(tiny_model_dir: Path) -> None:
     from runtime.models import _placement_kwargs
 
     recipe = Recipe(model=str(tiny_model_dir), device="auto", max_memory={0: "70GiB", "cpu": "1GiB"})
-    assert _placement_kwargs(recipe) == {"device_map": "auto", "max_memory": {0: "70GiB", "cpu": "1GiB"}}
+    if torch.cuda.is_available():  # sizes in bytes, GPU indices as ints (accelerate's max_memory)
+        assert _placement_kwargs(recipe) == {"device_map": "auto", "max_memory": {0: 70 * 2**30, "cpu": 2**30}}
+    else:  # a GPU that is not here is refused, not silently replaced by the CPU and disk
+        with pytest.raises(ModelSourceError, match="names GPU 0"):
+            _placement_kwargs(recipe)
     loaded = load_model(recipe.with_overrides(max_memory={"cpu": "1GiB"}), progress=False)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert next(loaded.model.parameters()).device.type == expected
