@@ -63,6 +63,26 @@ INSPECT_LEGEND = """\
   bad option)."""
 
 
+CHUNK_HELP = (
+    "under the plan, prefill a prompt longer than N tokens in chunks of N, compressed between chunks "
+    "(0: one-shot prefill; default 'auto': runtime.chunking.DEFAULT_PREFILL_CHUNK_SIZE for a plan that changes the "
+    "cache)"
+)
+
+
+def _chunk_size(text: str):
+    """``--prefill-chunk-size``: ``auto`` or a token count >= 0 (0: off)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of tokens, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected 'auto' or a number of tokens >= 0 (0: one-shot prefill)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime",
@@ -93,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--context", type=int, default=2000, help="length in tokens of the built-in prompt")
     g.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens generated in each run")
+    g.add_argument("--prefill-chunk-size", type=_chunk_size, default="auto", metavar="N",
+                   help=CHUNK_HELP)
     g.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     g.add_argument("-q", "--quiet", action="store_true", help="only the report on stdout, no progress on stderr")
     g.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
@@ -123,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is compressed before the question is seen (kvpress's protocol, query-agnostic)",
     )
     e.add_argument("--seed", type=int, default=0, help="seed of the retrieval keys and filler offsets")
+    e.add_argument("--prefill-chunk-size", type=_chunk_size, default="auto", metavar="N", help=CHUNK_HELP)
     e.add_argument("--json", type=Path, help="also write the report as JSON here")
     e.add_argument("-q", "--quiet", action="store_true", help="only the table on stdout, no progress on stderr")
     e.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
@@ -186,7 +209,7 @@ def run_eval(args, say: _Phases) -> dict:
     methods = [full_cache()]
     if plan is not None:
         plan.validate(loaded.model)
-        methods.append(plan_method(plan))
+        methods.append(plan_method(plan, prefill_chunk_size=args.prefill_chunk_size))
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     settings = EvalSettings(
         contexts=args.context, tasks=tasks, docs=args.docs, continuation=args.continuation,
@@ -323,7 +346,7 @@ def run_generate(args, say: _Phases) -> dict:
         full_tokens, full_logits, prefill, decode = _decode_loop(model, ids, steps, DynamicCache(config=model.config))
         full_prefill, full_decode = min(full_prefill, prefill), min(full_decode, decode)
         say(f"plan run {round_}/2: {work}")
-        with runtime.apply_plan(model, plan):
+        with runtime.apply_plan(model, plan, prefill_chunk_size=args.prefill_chunk_size):
             cache = DynamicCache(config=model.config)
             plan_tokens, _, prefill, decode = _decode_loop(model, ids, steps, cache)
         plan_prefill, plan_decode = min(plan_prefill, prefill), min(plan_decode, decode)
@@ -332,7 +355,7 @@ def run_generate(args, say: _Phases) -> dict:
     physical = runtime.physical_bytes(cache)
     in_store = runtime.store_bytes(cache)
     rows_read, rows_held = runtime.value_rows(cache)
-    with runtime.apply_plan(model, plan):
+    with runtime.apply_plan(model, plan, prefill_chunk_size=args.prefill_chunk_size):
         forced = _forced_logits(model, ids, full_tokens, DynamicCache(config=model.config))
     seen = ids.shape[1] + steps - 1
     theoretical = runtime.theoretical_bytes(plan, model.config, seen, 1, dtype)

@@ -7,6 +7,10 @@ swaps that cache's layers for the plan's layer kinds while it is still empty, an
 function as the ``kvplan_cache`` keyword. After that, plain ``model.generate(...)`` uses the plan.
 ``remove_plan(model)`` (or leaving the ``with`` block) restores the previous attention implementation and removes
 the hooks. Nothing of transformers is patched.
+
+A prompt longer than ``prefill_chunk_size`` tokens (default :data:`runtime.chunking.DEFAULT_PREFILL_CHUNK_SIZE` for a
+plan that changes the cache) is prefilled in chunks, compressed between chunks, by a forward pre-hook on the model
+(``runtime/chunking.py``): peak memory is the plan's budget plus one chunk, not the prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from . import attention
+from .chunking import AUTO, ChunkedPrefill, resolve_chunk_size
 from .cache import cache_argument, install_plan_layers, layer_plans
 from .kvsharer import restore_projections, skip_projections
 from .layers import PlanLayer
@@ -27,11 +32,16 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 
 @dataclass
 class AppliedPlan:
-    """Handle of a plan applied to a model; also a context manager that removes it on exit."""
+    """Handle of a plan applied to a model; also a context manager that removes it on exit.
+
+    ``prefill_chunk_size``: a forward over more new tokens than this is prefilled in chunks of this many tokens
+    (``runtime/chunking.py``); None feeds every forward in one piece. It may be changed while the plan is applied.
+    """
 
     model: torch.nn.Module
     plan: Plan
     previous_attn_implementation: str | None
+    prefill_chunk_size: int | None = None
     _handles: list = field(default_factory=list, repr=False)
     _swapped: list = field(default_factory=list, repr=False)
     active: bool = True
@@ -137,8 +147,13 @@ def find_applied(model: torch.nn.Module) -> AppliedPlan | None:
     return None
 
 
-def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
+def apply_plan(model: torch.nn.Module, plan: Plan | str, prefill_chunk_size: int | str | None = AUTO) -> AppliedPlan:
     """Apply ``plan`` (a :class:`Plan`, a file path or a Hub repo id) to ``model``; returns a removable handle.
+
+    ``prefill_chunk_size``: a forward over more new tokens than this (the prefill of ``generate``) is fed in chunks
+    of this many tokens, the cache compressed after each (``runtime/chunking.py``). ``"auto"`` (default):
+    :data:`runtime.chunking.DEFAULT_PREFILL_CHUNK_SIZE` for a plan that changes the cache, off for a plan with every
+    method off; ``None`` or ``0``: off (one-shot prefill); a positive int: that size. ``ValueError`` otherwise.
 
     Raises :class:`PlanError` if the plan was made for another architecture or shape, if it enables a method this
     runtime cannot apply (it is refused whole, never applied without that method), or if a plan is already
@@ -146,6 +161,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
     """
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
+    chunk_size = resolve_chunk_size(prefill_chunk_size, plan)
     plan.validate(model)
     layers = layer_plans(plan, model.config)  # refuses methods this runtime cannot apply
     if find_applied(model) is not None:
@@ -156,7 +172,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
     previous = getattr(model.config, "_attn_implementation", None)
     name = attention.register()
     model.set_attn_implementation(name)
-    applied = AppliedPlan(model=model, plan=plan, previous_attn_implementation=previous)
+    applied = AppliedPlan(model=model, plan=plan, previous_attn_implementation=previous,
+                          prefill_chunk_size=chunk_size)
     decoder = _decoder(model)
     sources = [spec.source for spec in layers]
     applied._swapped = skip_projections(decoder.layers, sources)
@@ -164,6 +181,9 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str) -> AppliedPlan:
         decoder.register_forward_pre_hook(_CacheHook(applied, model, layers), with_kwargs=True, prepend=True)
     )
     applied._handles.append(decoder.register_forward_hook(_check_compressed, with_kwargs=True))
+    if decoder is not model:  # a model whose decoder is itself (no LM head) is not chunked
+        chunker = ChunkedPrefill(applied, model.config, cache_argument(model))
+        applied._handles.append(model.register_forward_pre_hook(chunker, with_kwargs=True, prepend=True))
     return applied
 
 

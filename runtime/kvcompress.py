@@ -39,6 +39,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .kcache import ValueStore, check_estimator, estimate, top_slots
 from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
+from .pyramidinfer import query_block
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
 NEG_INF = float("-inf")
@@ -264,13 +265,50 @@ def ragged_attend(
     body: RaggedStorage,
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
-    tail_allowed: torch.Tensor,
+    tail_allowed: torch.Tensor | None,
     scaling: float,
     metric: str = "l2",
     topn: int = 0,
     estimator: str = "residual_mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_ragged_attend` (its doc) over blocks of the chunk's queries (``runtime.pyramidinfer.query_block``:
+    a long chunk of a chunked prefill does not hold logits for all its queries at once); votes are summed over the
+    blocks, as over the queries of one block. One block for a decode step or a short chunk."""
+    bsz, n_q_heads, q_len, dim = query.shape
+    n_kv = tail_keys.shape[1]
+    rows = body.keys.shape[0] * body.block + bsz * n_kv * tail_keys.shape[2]  # every slot held, all heads
+    # per query head: a logit per slot held, and its query copied once per block (``qs[seg]``)
+    step = query_block(n_q_heads // n_kv, rows + (body.keys.shape[0] + bsz * n_kv) * dim)
+    if q_len <= step or tail_allowed is None:
+        return _ragged_attend(query, body, tail_keys, tail_values, tail_allowed, scaling, metric, topn, estimator)
+    outs, votes_b, votes_t = [], None, None
+    for start in range(0, q_len, step):
+        out, vb, vt = _ragged_attend(query[:, :, start : start + step], body, tail_keys, tail_values,
+                                     tail_allowed[:, start : start + step], scaling, metric, topn, estimator,
+                                     decode=False, count=start == 0)
+        outs.append(out)
+        votes_b = vb if votes_b is None else votes_b + vb
+        votes_t = vt if votes_t is None else votes_t + vt
+    return torch.cat(outs, dim=1), votes_b, votes_t
+
+
+def _ragged_attend(
+    query: torch.Tensor,
+    body: RaggedStorage,
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_allowed: torch.Tensor,
+    scaling: float,
+    metric: str = "l2",
+    topn: int = 0,
+    estimator: str = "residual_mean",
+    decode: bool = True,
+    count: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact attention of ``query`` over a ragged body plus a dense tail, and each slot's vote.
+
+    ``decode``: False for a block of a longer chunk (reads every value row whatever its length); ``count``: whether
+    this call counts the value rows it read in the KCache store's counters (once per chunk).
 
     Args:
         query: ``[B, H_q, Q, d]`` (query head ``k * G + g`` belongs to KV head ``k``, ``G = H_q / H_kv``).
@@ -317,13 +355,15 @@ def ragged_attend(
     inv = 1.0 / denom.clamp_(min=torch.finfo(work).tiny)  # [S, GQ]
     store = body.store
     held_rows = body.keys.shape[0] * body.block + segs * n_tail
-    if store is not None and 0 < topn and q_len == 1 and topn < body.block_table().shape[1] * body.block + n_tail:
+    if store is not None and 0 < topn and q_len == 1 and decode and (
+            topn < body.block_table().shape[1] * body.block + n_tail):
         result = _topn_readout(exp_b, exp_t, inv, body, tail_values, tail_allowed, topn, work, estimator)
         result = result.to(query.dtype)
     else:
         body_values = body.values
         if store is not None:
-            store.count(held_rows, held_rows)
+            if count:
+                store.count(held_rows, held_rows)
             body_values = store.to_model(body_values)
         out = torch.bmm(exp_t, tail_values.to(work).reshape(segs, n_tail, dim))
         out = out.index_add_(0, seg, torch.bmm(exp_b, body_values.to(work)))
@@ -622,6 +662,7 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
             out, votes_b, votes_t = ragged_attend(query, self.body, self.tail_keys, self.tail_values, allowed,
                                                   scaling, self.params.metric, self.topn, self.estimator)
             self._pending = {"prefill": False, "allowed": allowed, "q_len": q_len, "votes": [(votes_b, votes_t)]}
+            self._fresh_votes(self._pending, query, scaling)
         if self.readers == 0:
             self._finish_step()
         return out
@@ -640,9 +681,32 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
                                                   pending["allowed"], scaling, self.params.metric, self.topn,
                                                   self.estimator)
             pending["votes"].append((votes_b, votes_t))
+            self._fresh_votes(pending, query, scaling)
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()
         return out
+
+    def _fresh_votes(self, pending: dict, query: torch.Tensor, scaling: float) -> None:
+        """Chunked prefill of a left-padded batch: rows that held no real token before this chunk and get their first
+        real tokens in it ("fresh" rows) are scored as the first chunk of their solo run is (:func:`kvc_scores` over
+        the tail, which holds their chunk), and the step ends with a merge (as a first chunk ends compressed)."""
+        allowed = pending["allowed"]
+        if "fresh" not in pending:
+            pending["fresh"] = None
+            if allowed is None:  # no padding among the new tokens: every row already started
+                return
+            n_tail, q_len = self.n_tail, pending["q_len"]
+            own = allowed[:, :, n_tail - q_len :].diagonal(dim1=1, dim2=2)  # [B, Q]: is each new token real
+            fresh = (self.real_seen == 0) & own.any(dim=-1)
+            if not bool(fresh.any()):
+                return
+            old = (self.tail_scores[:, :, : n_tail - q_len] > NEG_INF).any(dim=1)
+            pending.update(fresh=fresh, key_valid=torch.cat([old, own], dim=-1), fresh_votes=[])
+        if pending["fresh"] is None:
+            return
+        p = self.params
+        pending["fresh_votes"].append(kvc_scores(query, self.tail_keys, pending["key_valid"], scaling, p.window,
+                                                 p.pool, p.metric))
 
     def _prefill_votes(self, query, valid, scaling) -> torch.Tensor:
         p = self.params
@@ -684,7 +748,17 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
             own = allowed[:, :, n_tail - q_len :].diagonal(dim1=1, dim2=2)  # [B, Q]: is each new token real
             tail_scores[:, :, n_tail - q_len :].masked_fill_(~own[:, None, :], NEG_INF)
             self.real_seen += own.sum(dim=-1)
-        if n_tail >= self.params.slack:
+        fresh = pending.get("fresh")
+        if fresh is not None:  # rows whose first real chunk this was: first-chunk scores, compressed now
+            valid = pending["key_valid"]
+            rank = valid.long().cumsum(dim=-1)
+            first = torch.stack(pending["fresh_votes"]).sum(dim=0) if len(pending["fresh_votes"]) > 1 else (
+                pending["fresh_votes"][0])
+            first = first.masked_fill(~valid[:, None, :], NEG_INF)
+            first = first.masked_fill((valid & (rank <= self.params.sink))[:, None, :], POS_INF)
+            self._tail_s[:, :, :n_tail] = torch.where(fresh[:, None, None], first, tail_scores)
+            self._merge()
+        elif n_tail >= self.params.slack:
             self._merge()
 
     def _compress_prefill(self, scores: torch.Tensor, valid: torch.Tensor) -> None:

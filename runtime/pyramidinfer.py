@@ -140,7 +140,45 @@ def reduce_heads(probs: torch.Tensor, how: str, per_kv_head: bool = False) -> to
     return out if per_kv_head else out.unsqueeze(1)
 
 
+#: Bytes of float32 logits one block of queries of a multi-token chunk may take in :func:`attend` (and
+#: ``runtime.kvcompress.ragged_attend``): a long chunk (chunked prefill) is attended block by block, so its transient
+#: memory does not grow with chunk length × what the layer holds. Each query's output is computed the same way.
+QUERY_BLOCK_BYTES = 16 * 2**20
+
+
+def query_block(queries_per_token: int, keys: int) -> int:
+    """Queries of a chunk attended together: as many as keep ``queries_per_token × keys`` float32 logits per query
+    within :data:`QUERY_BLOCK_BYTES` (at least 1)."""
+    return max(1, QUERY_BLOCK_BYTES // max(1, 4 * queries_per_token * keys))
+
+
 def attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values,
+    allowed: torch.Tensor,
+    scaling: float,
+    head_reduce: str = "mean",
+    per_kv_head: bool = False,
+    topn: int = 0,
+    estimator: str = "residual_mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_attend` (its doc) over blocks of the chunk's queries (:func:`query_block`); one block for a decode
+    step or a short chunk."""
+    bsz, n_q_heads, q_len, _ = query.shape
+    step = query_block(bsz * n_q_heads, keys.shape[2])
+    if q_len <= step:
+        return _attend(query, keys, values, allowed, scaling, head_reduce, per_kv_head, topn, estimator, q_len == 1)
+    outs, probs = [], []
+    for start in range(0, q_len, step):
+        out, prob = _attend(query[:, :, start : start + step], keys, values, allowed[:, :, start : start + step],
+                            scaling, head_reduce, per_kv_head, topn, estimator, False)
+        outs.append(out)
+        probs.append(prob)
+    return torch.cat(outs, dim=1), torch.cat(probs, dim=2)
+
+
+def _attend(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -150,6 +188,7 @@ def attend(
     per_kv_head: bool = False,
     topn: int = 0,
     estimator: str = "residual_mean",
+    decode: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain attention over what a layer holds, returning the output and the head-reduced probabilities.
 
@@ -157,7 +196,8 @@ def attend(
         query: ``[B, H_q, Q, d]``; keys/values: ``[B, H_kv, T, d]`` (grouped-query heads are not copied).
             ``values`` may instead be the layer's KCache :class:`ValueStore`: a single query per row then reads only
             the ``topn`` rows per (row, KV head) it attends to most (``ValueStore.topn_output``, with ``estimator``),
-            a longer chunk reads them all.
+            a longer chunk reads them all (``decode``: False for a block of a longer chunk, which reads them all
+            whatever its length).
         allowed: bool ``[B, H_s, Q, T]`` (``H_s`` 1 or ``H_kv``).
 
     Returns:
@@ -174,7 +214,7 @@ def attend(
     flat = probs.view(bsz, n_kv, groups * q_len, total)
     if isinstance(values, ValueStore):
         count = allowed[:, :, -1].sum(dim=-1) if estimator == "residual_mean" else None  # [B, H_s] real tokens
-        out = values.topn_output(flat, topn if q_len == 1 else total, count).to(query.dtype)
+        out = values.topn_output(flat, topn if q_len == 1 and decode else total, count).to(query.dtype)
     else:
         out = torch.matmul(flat.to(values.dtype), values)
     out = out.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
@@ -295,7 +335,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         self._pending: dict | None = None  # this step's votes while readers still have to attend
         self.seen = 0
         self.real_seen: torch.Tensor | None = None  # int64 [B, H_s]: non-padding tokens seen per row
-        self.prefill_end = 0  # tokens seen when the first chunk was compressed; later tokens are decode-born
+        # int64 [B]: tokens seen when each row's first chunk with real tokens was compressed; later ones are young
+        self.prefill_end: torch.Tensor | None = None
         self.compressed = False
 
     # ----- views of the storage (read-only names kept for callers and tests) ---------------------------------
@@ -326,7 +367,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         self.is_initialized = False
         self.seen = 0
         self.real_seen = None
-        self.prefill_end = 0
+        self.prefill_end = None
         self.compressed = False
         self._pending = None
 
@@ -341,6 +382,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         self.keys, self.values = self.storage.keys, self.storage.values
         if self.real_seen is not None:
             self.real_seen = fn(self.real_seen)
+        if self.prefill_end is not None:
+            self.prefill_end = fn(self.prefill_end)
 
     # ----- the plan-layer interface -------------------------------------------------------------------------------
     def held(self) -> Held:
@@ -386,6 +429,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), allowed, scaling,
                                 p.head_reduce, p.per_kv_head, self.topn, self.estimator)
             self._pending = {"prefill": False, "allowed": allowed, "votes": [probs]}
+            self._fresh_votes(self._pending, query, scaling)
         if self.readers == 0:
             self._finish_step()
         return out
@@ -409,6 +453,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), pending["allowed"],
                                 scaling, p.head_reduce, p.per_kv_head, self.topn, self.estimator)
             pending["votes"].append(probs)
+            self._fresh_votes(pending, query, scaling)
         if len(pending["votes"]) == self.readers + 1:
             self._finish_step()
         return out
@@ -429,7 +474,42 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             q_len = combined.shape[-2]
             self._fold_scores(combined, pending["allowed"])
             self._count_new_tokens(q_len)
-            self._maybe_compact()
+            fresh = pending.get("fresh")
+            if fresh is not None:
+                self._start_rows(fresh, self._combine_votes(pending["fresh_votes"]), pending["key_valid"])
+            self._maybe_compact(fresh)
+
+    def _fresh_votes(self, pending: dict, query: torch.Tensor, scaling: float) -> None:
+        """Chunked prefill of a left-padded batch: rows that held no real token before this chunk and get their first
+        real tokens in it ("fresh" rows: every earlier chunk was padding for them) are scored as the first chunk of
+        their solo run is (``window_scores`` over what they hold, compressed to their budget); ``pending`` gets the
+        rows, the key validity and this query's vote."""
+        allowed = pending["allowed"]
+        q_len = allowed.shape[-2]
+        if "fresh" not in pending:
+            total = allowed.shape[-1]
+            steps = torch.arange(q_len, device=allowed.device)
+            own = allowed[:, 0, steps, total - q_len + steps]  # [B, Q]: is each new token real
+            fresh = (self.real_seen[:, 0] == 0) & own.any(dim=-1)
+            if not bool(fresh.any()):
+                pending["fresh"] = None
+                return
+            old = self.storage.valid()[:, 0, : total - q_len]
+            pending["fresh"], pending["key_valid"], pending["fresh_votes"] = fresh, torch.cat([old, own], -1), []
+        if pending["fresh"] is None:
+            return
+        p = self.params
+        pending["fresh_votes"].append(window_scores(query, self.storage.keys, pending["key_valid"], scaling, p.window,
+                                                    p.pool, p.head_reduce, p.per_kv_head))
+
+    def _start_rows(self, fresh: torch.Tensor, scores: torch.Tensor, key_valid: torch.Tensor) -> None:
+        """Give ``fresh`` rows (bool ``[B]``) the scores of a first chunk: ``scores`` on real slots, sinks ``+inf``,
+        empty slots ``-inf``; their young tokens start after this chunk."""
+        valid = key_valid[:, None, :]
+        rank = valid.long().cumsum(dim=-1)
+        scores = scores.masked_fill(~valid, NEG_INF).masked_fill(valid & (rank <= self.params.sink), POS_INF)
+        self.storage.scores = torch.where(fresh[:, None, None], scores, self.storage.scores)
+        self.prefill_end = torch.where(fresh, self.seen, self.prefill_end)
 
     def _prefill_scores(self, query, full_mask, scaling) -> torch.Tensor:
         """float32 ``[B, H_s, T]`` window scores of ``query`` over every key held (the whole first chunk)."""
@@ -447,7 +527,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         scores = scores.masked_fill(valid & (rank <= self.params.sink), POS_INF)
         self.storage.scores = scores
         self.real_seen = valid.sum(dim=-1).expand(-1, scores.shape[1]).contiguous()  # [B, H_s]
-        self.prefill_end = self.seen
+        self.prefill_end = torch.full((bsz,), self.seen, dtype=torch.int64, device=keys.device)
         self.compressed = True
         self._compact(self.params.budget(self.real_seen))
         if self.topn > 0:
@@ -483,8 +563,9 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         total = self.storage.scores.shape[-1]
         self.real_seen = self.real_seen + self.storage.valid()[:, :, total - q_len :].sum(dim=-1)
 
-    def _maybe_compact(self) -> None:
-        """Compact each (row, head) that holds more than its budget plus slack; the others keep what they hold.
+    def _maybe_compact(self, fresh: torch.Tensor | None = None) -> None:
+        """Compact each (row, head) that holds more than its budget plus slack, and every ``fresh`` row (bool
+        ``[B]``, its first real chunk) to its budget; the others keep what they hold.
 
         Decisions are per row, from that row's own counts, so a row of a padded batch evolves exactly as it
         would alone.
@@ -492,6 +573,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         budget = self.params.budget(self.real_seen)
         held = self.storage.valid().sum(dim=-1)
         over = held > budget + self.params.slack_for(budget)
+        if fresh is not None:
+            over = over | fresh[:, None]
         if bool(over.any()):
             self._compact(torch.where(over, budget, held))
 
@@ -499,7 +582,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         """Scores with the moving-average start-up bias of decode-born tokens removed, recent window protected."""
         scores = self.storage.scores
         born = self.storage.positions.long()
-        young = born >= self.prefill_end
+        young = born >= self.prefill_end[:, None, None]
         if young.any():
             gamma = 1.0 - 1.0 / max(self.params.window, 1)
             age = (self.seen - born).clamp(min=1).double()

@@ -271,7 +271,8 @@ def _check_budgets(facts: dict, keeps: list[float], width: int, n_kv: int, owner
 def _generate(model, plan, ids, mask, monkeypatch) -> tuple[Recorder, torch.Tensor]:
     recorder = Recorder()
     recorder.install(monkeypatch)
-    with runtime.apply_plan(model, plan):
+    # these tests follow a one-shot prefill and its decode steps; chunked prefill: tests/test_chunked_prefill.py
+    with runtime.apply_plan(model, plan, prefill_chunk_size=None):
         out = model.generate(
             ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
         )

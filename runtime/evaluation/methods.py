@@ -48,7 +48,8 @@ def full_cache() -> Method:
     return Method(name="full", applied=lambda model: contextlib.nullcontext(), compresses_questions=False)
 
 
-def plan_method(plan: Plan, name: str | None = None) -> Method:
-    """A kvplan plan as an evaluation method."""
+def plan_method(plan: Plan, name: str | None = None, prefill_chunk_size: int | str | None = "auto") -> Method:
+    """A kvplan plan as an evaluation method (``prefill_chunk_size``: as :func:`runtime.apply_plan` takes it)."""
     label = name or f"plan({', '.join(plan.methods) or 'none'}, ratio {plan.target_ratio})"
-    return Method(name=label, applied=lambda model: apply_plan(model, plan), plan=plan)
+    return Method(name=label, applied=lambda model: apply_plan(model, plan, prefill_chunk_size=prefill_chunk_size),
+                  plan=plan)

@@ -1,0 +1,153 @@
+"""Chunked prefill under a plan: a long prompt goes through the model in chunks, compressed between chunks.
+
+With a plan applied, a forward over more than ``prefill_chunk_size`` new tokens (the prefill of
+``model.generate``, or ``model(ids, logits_to_keep=1, ...)``) is fed to the model in chunks of
+``prefill_chunk_size`` tokens; every plan layer compresses what it holds after each chunk, so what a layer holds
+during the prefill is its budget plus one chunk, and the activations are those of one chunk, not of the prompt.
+
+The chunks are aligned on the **end** of the prompt: the last chunk has ``prefill_chunk_size`` tokens and the first
+one the remainder. A left-padded batch ends every row at the same column, so every row is cut at the same distances
+from its end as when it runs alone (its real tokens are chunked exactly as in its solo run).
+
+How: :class:`ChunkedPrefill` is a forward pre-hook (``torch.nn.Module.register_forward_pre_hook``) on the causal
+LM that :func:`runtime.apply_plan` adds. When a forward qualifies, the hook runs every chunk but the last through the
+same model (with the same cache, ``logits_to_keep=1``), then lets the forward itself run on the last chunk; the
+caller gets the last chunk's output (its logits are the ones ``generate`` asks for). Nothing of transformers is
+patched. A forward is fed in one piece when chunking could change what it returns: it asks for logits beyond the
+last chunk (``logits_to_keep=0``, the default of a plain forward), for hidden states or attentions, passes labels,
+a 4D mask or positional arguments after ``input_ids``, or runs without a cache.
+
+transformers' own ``generate(..., prefill_chunk_size=N)`` works too (every plan layer accepts multi-token chunks
+after it compressed); it cuts chunks from the *start* of the prompt, so rows of a left-padded batch are cut at other
+places than in their solo runs (each row is still an exact chunked run, with its first chunk shortened by its
+padding). The runtime's own chunking, on by default, does not have that difference.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+#: Prompt tokens per chunk by default (``apply_plan(..., prefill_chunk_size="auto")``): prompts longer than this are
+#: prefilled in chunks of this many tokens. Chosen from ``bench/chunked_prefill.py`` (artifacts/chunked_prefill.md):
+#: on SmolLM2-135M with the 8x plan, chunks of 1024 kept 7/10 passkeys with the question in the prompt (512: 6,
+#: 256: 4, one-shot: 10) at an lm cost within noise, and still bounded peak memory at 8k tokens (0.21 of stock).
+#: Because chunking costs retrieval, the default only chunks prompts above 4096 tokens (in chunks of 4096): prompts
+#: up to 4k — every shipped plan's figures, and calibration — run one-shot as before; longer ones are bounded.
+DEFAULT_PREFILL_CHUNK_SIZE = 4096
+
+AUTO = "auto"
+
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def resolve_chunk_size(value, plan) -> int | None:
+    """The chunk size a plan is applied with: ``"auto"`` is :data:`DEFAULT_PREFILL_CHUNK_SIZE` for a plan that
+    changes the cache and off for one with every method off (it stays stock generation, bit for bit); ``None`` or
+    ``0`` is off; a positive int is that size. Raises ``ValueError`` for anything else."""
+    if isinstance(value, str):
+        if value != AUTO:
+            raise ValueError(f"prefill_chunk_size must be a positive int, 0/None (off) or 'auto', not {value!r}")
+        return None if plan.is_noop else DEFAULT_PREFILL_CHUNK_SIZE
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"prefill_chunk_size must be a positive int, 0/None (off) or 'auto', not {value!r}")
+    return value or None
+
+
+def chunk_bounds(length: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the chunks of a ``length``-token forward, aligned on its end: every chunk has ``size``
+    tokens except the first (``1..size``)."""
+    if length <= 0:
+        return []
+    first = length - size * ((length - 1) // size)
+    return [(0, first)] + [(start, start + size) for start in range(first, length, size)]
+
+
+class ChunkedPrefill:
+    """Forward pre-hook on the causal LM: feeds a long forward to the model in end-aligned chunks (module doc).
+
+    The chunk size is read at every forward from ``owner.prefill_chunk_size`` (the :class:`runtime.apply.AppliedPlan`;
+    None: off), so it can be changed while the plan is applied.
+    """
+
+    def __init__(self, owner, config, cache_name: str):
+        self.owner = owner
+        self.config = config
+        self.cache_name = cache_name
+        self._running = False  # inside the hook's own chunk forwards: they are never chunked again
+
+    def __call__(self, module, args, kwargs):
+        size = self.owner.prefill_chunk_size
+        if self._running or size is None:
+            return None
+        plan = self._plan(args, kwargs, size)
+        if plan is None:
+            return None
+        name, cache, bounds, past = plan
+        self._running = True
+        try:
+            for start, end in bounds[:-1]:
+                step = self._slice(args, kwargs, name, cache, start, end, past)
+                step["logits_to_keep"] = 1
+                step["use_cache"] = True
+                out = module(**step)
+                del out  # only the cache is carried on
+        finally:
+            self._running = False
+        start, end = bounds[-1]
+        last = self._slice(args, kwargs, name, cache, start, end, past)
+        return (), last
+
+    def _plan(self, args, kwargs, size: int):
+        """``(cache kwarg name, cache, chunk bounds, tokens already cached)`` when this forward is chunked, else
+        None."""
+        if len(args) > 1:
+            return None
+        ids = args[0] if args else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        tokens = ids if ids is not None else embeds
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[1] <= size:
+            return None
+        keep = kwargs.get("logits_to_keep", 0)
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= size:
+            return None
+        if kwargs.get("labels") is not None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return None
+        if kwargs.get("use_cache") is False:
+            return None
+        name = next((k for k in _CACHE_KWARGS if k in kwargs), self.cache_name)
+        cache = kwargs.get(name)
+        if cache is None:
+            cache = DynamicCache(config=self.config)
+        if not isinstance(cache, Cache):
+            return None
+        past = cache.get_seq_length()
+        length = tokens.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2
+                                 or mask.shape[1] != past + length):
+            return None
+        return name, cache, chunk_bounds(length, size), past
+
+    @staticmethod
+    def _slice(args, kwargs, name, cache, start: int, end: int, past: int) -> dict:
+        """The keyword arguments of the forward over tokens ``[start, end)`` of this forward."""
+        step = dict(kwargs)
+        if args:
+            step["input_ids"] = args[0]
+        for key in ("input_ids", "inputs_embeds"):
+            if step.get(key) is not None:
+                step[key] = step[key][:, start:end]
+        if step.get("attention_mask") is not None:
+            step["attention_mask"] = step["attention_mask"][:, : past + end]
+        if step.get("position_ids") is not None:
+            step["position_ids"] = step["position_ids"][..., start:end]
+        if isinstance(step.get("cache_position"), torch.Tensor):  # older transformers
+            step["cache_position"] = step["cache_position"][start:end]
+        step[name] = cache
+        return step
+
+
+__all__ = ["AUTO", "ChunkedPrefill", "DEFAULT_PREFILL_CHUNK_SIZE", "chunk_bounds", "resolve_chunk_size"]
