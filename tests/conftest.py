@@ -14,6 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 128
 
 
+@pytest.fixture
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """A fresh KVPLAN_CACHE for the test, never the user's (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("isolated_cache")``)."""
+    monkeypatch.setenv("KVPLAN_CACHE", str(tmp_path_factory.mktemp("kvplan-cache")))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random 4-layer Llama with its tokenizer, saved once per test module (tests/make_tiny_model.py)."""
+    from make_tiny_model import make_tiny_model
+    from test_data import make_tokenizer
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=4, tokenizer=make_tokenizer())
+
+
 def tiny_config(arch: str):
     import transformers
 

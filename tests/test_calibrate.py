@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from make_tiny_model import make_tiny_model
 from test_data import make_tokenizer
 
 import runtime
@@ -21,14 +20,7 @@ from runtime.plan import Plan
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("KVPLAN_CACHE", str(tmp_path_factory.mktemp("kvplan-cache")))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=4, tokenizer=make_tokenizer())
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _calibrate(tiny_dir, out, *extra) -> int:

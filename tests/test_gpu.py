@@ -25,14 +25,10 @@ DEVICE = os.environ.get("KVPLAN_TEST_DEVICE", "cuda")
 KIND = torch.device(DEVICE).type
 
 pytestmark = [
+    pytest.mark.usefixtures("isolated_cache"),
     pytest.mark.gpu,
     pytest.mark.skipif(KIND == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("KVPLAN_CACHE", str(tmp_path_factory.mktemp("kvplan-cache")))
 
 
 @pytest.fixture(scope="module")

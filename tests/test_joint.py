@@ -20,9 +20,7 @@ SEQ = 256
 ALL_BUDGETS = ["pyramidinfer", "kvcompress", "kcache"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("KVPLAN_CACHE", str(tmp_path_factory.mktemp("kvplan-cache")))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_calibrate import _calibrate, tiny_dir  # noqa: F401  (fixture)
+from test_calibrate import _calibrate
 
 import runtime
 from calibrate import kvsharer
@@ -14,9 +14,7 @@ from calibrate.pipeline import calibrate_model
 from runtime.plan import Plan
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("KVPLAN_CACHE", str(tmp_path_factory.mktemp("kvplan-cache")))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _samples(n=3, length=96, seed=0):

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from make_tiny_model import make_tiny_model
-from test_data import make_tokenizer
 
 import runtime
 from calibrate.__main__ import main, parse_max_memory
@@ -28,14 +26,7 @@ SAMPLES = 2
 SHARER = {"threshold": 0.0, "share_layers": 1}  # random weights: accept a pair so the sharing runtime path runs
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("KVPLAN_CACHE", str(tmp_path_factory.mktemp("kvplan-cache")))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), layers=4, tokenizer=make_tokenizer())
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _model_bytes(model) -> int:

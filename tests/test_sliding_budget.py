@@ -24,9 +24,7 @@ SEQ = 128
 WINDOW = 16  # conftest's tiny Gemma 3: layers 0-4 slide over 16 tokens, layer 5 attends to everything
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("KVPLAN_CACHE", str(tmp_path_factory.mktemp("kvplan-cache")))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
