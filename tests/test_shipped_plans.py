@@ -47,7 +47,9 @@ def test_cards_are_rendered_from_their_figures():
     for folder in SHIPPED:
         card = (folder / "README.md").read_text(encoding="utf-8")
         plan = runtime.load_plan(folder)
-        expected = hub.render_model_card(plan, results=None)
+        meta = json.loads((folder / "measured.json").read_text(encoding="utf-8"))  # base_model / license given once
+        expected = hub.render_model_card(plan, results=None, base_model=meta.get("base_model"),
+                                         license=meta.get("license"))
         assert card.startswith(expected.split("## What it does")[0]), folder.name  # same front matter and title
         assert plan_card.measured_markdown(folder) in card, f"{folder.name}: README.md is stale (run render)"
 
