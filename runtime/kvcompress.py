@@ -177,6 +177,29 @@ class RaggedStorage:
         self.lengths: torch.Tensor | None = None
         self.store: ValueStore | None = None  # KCache: ``values`` live in this store (set before the first pack)
         self._table: torch.Tensor | None = None
+        self._derived: dict = {}  # per-layout tensors (bias, readout maps), recomputed after pack / select
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[N, 1, block]`` additive attention mask: 0 on filled slots, ``-inf`` on empty ones. Scores are ``>= 0``
+        on filled slots (``+inf`` on sinks) and only grow between layout changes, so it lasts until the next one."""
+        key = ("bias", dtype)
+        if key not in self._derived:
+            self._derived[key] = self.scores.clamp(max=0.0)[:, None, :].to(dtype)
+        return self._derived[key]
+
+    def readout_maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KCache's top-N readout: ``safe`` int64 ``[S, W]`` (:meth:`block_table` with ``-1`` read as block 0),
+        ``pad`` bool ``[S, W * block]`` (slots past a segment's last block) and ``flat`` int64 ``[S, W * block]``
+        (each slot's index in the blocks flattened to ``[N * block]``, 0 for padding)."""
+        if "readout" not in self._derived:
+            table = self.block_table()
+            segs, width = table.shape
+            safe = table.clamp(min=0)
+            pad = (table < 0)[:, :, None].expand(segs, width, self.block).reshape(segs, width * self.block)
+            j = torch.arange(self.block, device=table.device)
+            flat = (safe[:, :, None] * self.block + j).reshape(segs, width * self.block).masked_fill(pad, 0)
+            self._derived["readout"] = (safe, pad, flat)
+        return self._derived["readout"]
 
     def block_table(self) -> torch.Tensor:
         """int64 ``[S, max blocks]``: each segment's blocks in order, ``-1`` past its last (KCache's top-N readout)."""
@@ -217,6 +240,7 @@ class RaggedStorage:
             sums = torch.zeros(segments, dim, dtype=torch.float32, device=values.device)
             self.store.sums = sums.index_add_(0, seg.to(values.device), values.float()).to(device)  # [S, d]
         self._table = None
+        self._derived = {}
         self.positions[block_idx, offset] = positions.to(torch.int32)
         self.scores[block_idx, offset] = scores.float()
         self.block_seg = torch.repeat_interleave(torch.arange(segments, device=device), n_blocks)
@@ -248,6 +272,7 @@ class RaggedStorage:
         self.block_seg = torch.repeat_interleave(torch.arange(sel.numel(), device=sel.device), counts)
         self.lengths = self.lengths[sel]
         self._table = None
+        self._derived = {}
 
     def tensors(self) -> tuple:
         resident = self.store.resident() if self.store is not None else ()
@@ -256,6 +281,7 @@ class RaggedStorage:
     def clear(self) -> None:
         self.keys = self.values = self.positions = self.scores = self.block_seg = self.lengths = None
         self._table = None
+        self._derived = {}
         if self.store is not None:
             self.store.clear()
 
@@ -336,7 +362,7 @@ def _ragged_attend(
     qs = query.reshape(segs, gq, dim).to(work)  # [S, G*Q, d]: segment s = row * H_kv + head
     seg = body.block_seg
     # scores are >= 0 for filled slots and -inf for empty ones: clamp(max=0) is the additive mask
-    bias_b = body.scores.clamp(max=0.0)[:, None, :].to(work)  # [N, 1, blk]
+    bias_b = body.bias(work)  # [N, 1, blk]
     logits_b = torch.baddbmm(bias_b, qs[seg], body.keys.to(work).transpose(1, 2), alpha=scaling)  # [N, GQ, blk]
     tail_k = tail_keys.to(work).reshape(segs, n_tail, dim)
     if tail_allowed is None:
@@ -401,27 +427,27 @@ def _topn_readout(
     n_blocks, gq, blk = exp_b.shape
     segs, _, n_tail = exp_t.shape
     seg = body.block_seg
-    table = body.block_table()  # [S, W]
-    width = table.shape[1]
+    safe, pad, flat = body.readout_maps()  # [S, W], [S, W * blk], [S, W * blk]
+    n_body = n_blocks * blk
     score_b = torch.bmm(inv[seg][:, None, :], exp_b)[:, 0]  # [N, blk]: summed probability of each body slot
     score_t = torch.bmm(inv[:, None, :], exp_t)[:, 0]  # [S, n]
-    safe = table.clamp(min=0)
-    cand_b = score_b[safe].masked_fill((table < 0)[..., None], -1.0).reshape(segs, width * blk)
-    cand = torch.cat([cand_b, score_t], dim=1)
+    cand = torch.cat([score_b[safe].view(segs, -1).masked_fill_(pad, -1.0), score_t], dim=1)  # -1: padding
     sel = top_slots(cand, topn)  # [S, k]
-    real = cand.gather(1, sel) >= 0  # -1: a slot past the segment's last block
-    in_body = sel < width * blk
-    col = torch.div(sel, blk, rounding_mode="floor").clamp(max=max(width - 1, 0))
-    slot = torch.where(in_body, safe.gather(1, col) * blk + sel % blk, 0) if width else torch.zeros_like(sel)
-    weights = exp_b.transpose(1, 2).reshape(n_blocks * blk, gq)[slot]  # [S, k, GQ]
-    values = body.store.fetch(body.values, slot).to(work)  # [S, k, d]: the only value rows read from the store
+    real = cand.gather(1, sel) >= 0
+    # each candidate's row among the body's flattened slots followed by the tail's ([S * n]), then the selected ones
+    tail_ids = torch.arange(n_body, n_body + segs * n_tail, device=sel.device).view(segs, n_tail)
+    ids = torch.cat([flat, tail_ids], dim=1).gather(1, sel)  # [S, k]
+    exp_rows = torch.cat([exp_b.transpose(1, 2).reshape(n_body, gq), exp_t.transpose(1, 2).reshape(segs * n_tail, gq)])
+    weights = exp_rows[ids]  # [S, k, GQ]
     tail = tail_values.to(work).reshape(segs, n_tail, -1)
+    dim = tail.shape[-1]
+    if n_body:  # the only value rows read from the store
+        values = body.store.fetch(body.values, ids.clamp(max=n_body - 1)).to(work)  # [S, k, d]
+    else:
+        values = tail.new_zeros(segs, topn, dim)
     if n_tail:
-        t_idx = torch.where(in_body, 0, sel - width * blk)
-        weights_t = exp_t.transpose(1, 2).gather(1, t_idx[..., None].expand(segs, topn, gq))
-        values_t = tail.gather(1, t_idx[..., None].expand(-1, -1, values.shape[-1]))
-        weights = torch.where(in_body[..., None], weights, weights_t)
-        values = torch.where(in_body[..., None], values, values_t)
+        tail_rows = tail.reshape(segs * n_tail, dim).index_select(0, (ids - n_body).clamp(min=0).view(-1))
+        values = torch.where((ids < n_body)[..., None], values, tail_rows.view(segs, topn, dim))
     weights = weights * real[..., None]
     body.store.count(segs * topn, n_blocks * blk + segs * n_tail)
     weights = weights.transpose(1, 2) * inv[:, :, None]  # [S, GQ, k]: exact probabilities of the selected slots

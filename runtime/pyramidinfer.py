@@ -15,12 +15,13 @@ the only per-token state beside K/V is an int32 position and a float32 score.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .kcache import ValueStore, check_estimator
+from .kcache import ValueStore, check_estimator, top_slots
 from .layers import CompressingLayer, Held, LayerPlan, RowSelection, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
@@ -221,6 +222,50 @@ def _attend(
     return out, reduce_heads(probs, head_reduce, per_kv_head)
 
 
+def attend_step(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values,
+    bias: torch.Tensor,
+    scaling: float,
+    head_reduce: str = "mean",
+    per_kv_head: bool = False,
+    topn: int = 0,
+    estimator: str = "residual_mean",
+    guard: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_attend` for one decode step (one query per row), with the mask given as an additive bias.
+
+    Args:
+        query: ``[B, H_q, 1, d]``; keys: ``[B, H_kv, T, d]``; values: ``[B, H_kv, T, d]`` or the layer's KCache
+            :class:`ValueStore` (reads ``topn`` rows per (row, KV head), as in :func:`_attend`).
+        bias: float32 ``[B, H_s, 1, T]``: 0 where the query may attend, ``-inf`` elsewhere.
+        guard: whether a (row, head) may have nothing to attend to (a padded batch): its probabilities are then 0,
+            not NaN.
+
+    Returns:
+        output ``[B, 1, H_q, d]`` and float32 ``[B, H_s, 1, T]`` probabilities reduced over query heads.
+    """
+    bsz, n_q_heads, _, dim = query.shape
+    n_kv, total = keys.shape[1], keys.shape[2]
+    groups = n_q_heads // n_kv
+    logits = torch.matmul(query.reshape(bsz, n_kv, groups, dim), keys.transpose(-1, -2))  # [B, H_kv, G, T]
+    probs = torch.softmax(torch.add(bias, logits, alpha=scaling), dim=-1)  # float32 (the bias is)
+    if guard:
+        probs = probs.nan_to_num_(0.0)
+    if isinstance(values, ValueStore):
+        count = None
+        if estimator == "residual_mean" and topn < total:
+            count = (bias[:, :, 0] == 0).sum(dim=-1)  # [B, H_s] real tokens
+        out = values.topn_output(probs, topn, count).to(query.dtype)
+    else:
+        out = torch.matmul(probs.to(values.dtype), values)
+    dims = (2,) if per_kv_head else (1, 2)
+    reduced = probs.amax(dim=dims) if head_reduce == "max" else probs.mean(dim=dims)
+    reduced = reduced[:, :, None, :] if per_kv_head else reduced[:, None, None, :]
+    return out.view(bsz, 1, n_q_heads, dim), reduced
+
+
 class DenseStorage:
     """K/V of a layer as one rectangle per batch row, with per-slot bookkeeping for a selection.
 
@@ -228,25 +273,61 @@ class DenseStorage:
     the full sequence) and ``scores`` float32 ``[B, H_s, T]`` (attention received; ``-inf`` marks an empty slot —
     padding, or a slot a narrower row or head left empty —, ``+inf`` a sink). ``H_s`` is 1 when every KV head keeps
     the same tokens; with ``H_s = H_kv`` each head keeps its own, and the rectangle is as wide as the widest head.
+
+    The four tensors are views of the first ``T`` slots of buffers with room for ``capacity`` slots: a decode step
+    writes its token in place (no copy of what is held), and a buffer grows — by :attr:`reserve` slots beyond what
+    is needed — only when it is full. The layer sets :attr:`reserve` to the decode steps it expects before its next
+    compaction, so that one allocation lasts a compaction cycle. ``physical_bytes`` counts the whole buffers.
     """
 
     def __init__(self, selection_heads: int | None):
         self.selection_heads = selection_heads  # 1, or None for one selection per KV head
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None  # None once the values moved to ``store``
-        self.positions: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None  # buffers [B, H_kv | H_s, capacity(, d)]; the first ``width`` slots used
+        self._v: torch.Tensor | None = None  # None once the values moved to ``store``
+        self._pos: torch.Tensor | None = None
+        self._sc: torch.Tensor | None = None
+        self.width = 0
+        self.reserve = 0  # slots added beyond the need when a buffer grows
         self.store: ValueStore | None = None  # KCache: where the values live after :meth:`offload`
+
+    # ----- views of the used slots -------------------------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.width]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.width]
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return None if self._pos is None else self._pos[..., : self.width]
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return None if self._sc is None else self._sc[..., : self.width]
+
+    @scores.setter
+    def scores(self, scores: torch.Tensor) -> None:
+        """Replace the used slots' scores (same width)."""
+        if self._sc.shape[-1] == self.width:
+            self._sc = scores
+        else:
+            self._sc[..., : self.width] = scores
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
 
     @property
     def offloaded(self) -> bool:
-        return self.store is not None and self.values is None and self.keys is not None
+        return self.store is not None and self._v is None and self._k is not None
 
     def offload(self, store: ValueStore) -> None:
         """KCache: move the values to ``store`` (same layout ``[B, H_kv, T, d]``; empty slots zeroed); the
         model-side copy is freed."""
-        store.put(self.values, valid=self.valid())
-        self.store, self.values = store, None
+        store.put(self.values.contiguous() if self.capacity != self.width else self._v, valid=self.valid())
+        self.store, self._v = store, None
 
     def attention_values(self):
         """What attention reads the values from: the tensor, or the KCache store."""
@@ -255,60 +336,100 @@ class DenseStorage:
     def values_on_model(self) -> torch.Tensor:
         return self.store.to_model(self.store.view()) if self.offloaded else self.values
 
-    @property
-    def width(self) -> int:
-        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
-
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, first_position: int) -> None:
         """Append a chunk ``[B, H_kv, Q, d]``; its slots get positions ``first_position ..`` and score 0."""
         bsz, n_kv, q_len, _ = key_states.shape
         heads = self.selection_heads or n_kv
-        new_pos = torch.arange(first_position, first_position + q_len, device=key_states.device, dtype=torch.int32)
-        new_pos = new_pos.expand(bsz, heads, q_len)
-        if self.positions is None:
-            self.positions = new_pos.contiguous()
-            self.scores = torch.zeros(new_pos.shape, dtype=torch.float32, device=key_states.device)
+        device = key_states.device
+        if self._k is None:
+            new_pos = torch.arange(first_position, first_position + q_len, device=device, dtype=torch.int32)
+            self._pos = new_pos.expand(bsz, heads, q_len).contiguous()
+            self._sc = torch.zeros((bsz, heads, q_len), dtype=torch.float32, device=device)
             # a copy, as DynamicLayer's cat makes: the model's tensor may be a view of a larger (fused) buffer
-            self.keys, self.values = key_states.clone(), value_states.clone()
+            self._k, self._v = key_states.clone(), value_states.clone()
+            self.width = q_len
+            return
+        start, end = self.width, self.width + q_len
+        if end > self.capacity:
+            self._grow(end + self.reserve)
+        self._k[:, :, start:end] = key_states
+        if self.offloaded:
+            self.store.append(value_states)
         else:
-            self.positions = torch.cat([self.positions, new_pos], dim=-1)
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(new_pos.shape)], dim=-1)
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            if self.offloaded:
-                self.store.append(value_states)
-            else:
-                self.values = torch.cat([self.values, value_states], dim=-2)
+            self._v[:, :, start:end] = value_states
+        if q_len == 1:
+            self._pos[:, :, start].fill_(first_position)
+        else:
+            self._pos[:, :, start:end] = torch.arange(first_position, first_position + q_len, device=device,
+                                                      dtype=torch.int32)
+        self._sc[:, :, start:end] = 0.0
+        self.width = end
+
+    def _grow(self, capacity: int) -> None:
+        """Move the used slots into buffers of ``capacity`` slots."""
+        width = self.width
+
+        def grown(buffer: torch.Tensor, token_dim: int) -> torch.Tensor:
+            shape = list(buffer.shape)
+            shape[token_dim] = capacity
+            out = buffer.new_empty(shape)
+            out.narrow(token_dim, 0, width).copy_(buffer.narrow(token_dim, 0, width))
+            return out
+
+        self._k = grown(self._k, 2)
+        if self._v is not None:
+            self._v = grown(self._v, 2)
+        self._pos = grown(self._pos, 2)
+        self._sc = grown(self._sc, 2)
 
     def valid(self) -> torch.Tensor:
         """bool ``[B, H_s, T]``: slots holding a real token."""
         return self.scores > NEG_INF
 
-    def gather(self, idx: torch.Tensor, kept: torch.Tensor) -> None:
-        """Keep slots ``idx`` int64 ``[B, H_s, W]`` (ascending); slots where ``kept`` is False become empty."""
-        n_kv, dim = self.keys.shape[1], self.keys.shape[3]
+    def gather(self, idx: torch.Tensor, kept: torch.Tensor | None, reserve: int = 0) -> None:
+        """Keep slots ``idx`` int64 ``[B, H_s, W]`` (ascending); slots where ``kept`` is False become empty (None: all
+        kept). The new buffers have room for ``reserve`` more slots."""
+        bsz, n_kv, _, dim = self._k.shape
+        width = idx.shape[-1]
         idx_kv = idx[:, :, :, None].expand(-1, n_kv, -1, dim)  # H_s = 1 broadcasts to every KV head
-        self.keys = self.keys.gather(2, idx_kv)
-        self.positions = self.positions.gather(-1, idx)
-        self.scores = self.scores.gather(-1, idx).masked_fill(~kept, NEG_INF)
+
+        def take(buffer: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+            if reserve == 0 or used.requires_grad:  # (gather's out= does not record gradients)
+                return used.gather(2, index)
+            shape = list(buffer.shape)
+            shape[2] = width + reserve
+            out = buffer.new_empty(shape)
+            torch.gather(used, 2, index, out=out[:, :, :width])
+            return out
+
+        keys, values, positions, scores = self.keys, self.values, self.positions, self.scores  # the used slots
+        self._k = take(self._k, idx_kv, keys)
+        self._pos = take(self._pos, idx, positions)
+        self._sc = take(self._sc, idx, scores)
+        if values is not None:
+            self._v = take(self._v, idx_kv, values)
+        self.width = width
+        if kept is not None:
+            self.scores.masked_fill_(~kept, NEG_INF)
         if self.offloaded:
             self.store.put(self.store.view().gather(2, idx_kv.to(self.store.device)), valid=self.valid())
-        else:
-            self.values = self.values.gather(2, idx_kv)
 
     def select_rows(self, fn) -> None:
         if self.offloaded:
             self.store.select_rows(fn)
-        for name in ("keys", "values", "positions", "scores"):
+        width = self.width
+        for name in ("_k", "_v", "_pos", "_sc"):
             tensor = getattr(self, name)
             if tensor is not None:
-                setattr(self, name, fn(tensor))
+                setattr(self, name, fn(tensor.narrow(2, 0, width)))
 
     def tensors(self) -> tuple:
         store = (*self.store.tensors(), *self.store.resident()) if self.offloaded else ()
-        return (self.keys, self.values, self.positions, self.scores, *store)
+        return (self._k, self._v, self._pos, self._sc, *store)
 
     def clear(self) -> None:
-        self.keys = self.values = self.positions = self.scores = None
+        self._k = self._v = self._pos = self._sc = None
+        self.width = 0
         if self.store is not None:
             self.store.clear()
         self.store = None
@@ -338,6 +459,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         # int64 [B]: tokens seen when each row's first chunk with real tokens was compressed; later ones are young
         self.prefill_end: torch.Tensor | None = None
         self.compressed = False
+        self._countdown = 0  # decode steps before the next compaction check (``_schedule``)
+        self._maybe_empty = False  # some row holds no real token yet
 
     # ----- views of the storage (read-only names kept for callers and tests) ---------------------------------
     @property
@@ -370,6 +493,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         self.prefill_end = None
         self.compressed = False
         self._pending = None
+        self._countdown = 0
+        self._maybe_empty = False
 
     def crop(self, *args, **kwargs) -> None:
         raise NotImplementedError(
@@ -424,6 +549,11 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         if not self.compressed:
             out = exact(self.storage.keys, self.storage.values)
             self._pending = {"prefill": True, "mask": full_mask, "votes": [self._prefill_scores(query, full_mask, scaling)]}
+        elif query.shape[2] == 1 and not self._maybe_empty:
+            bias = self._step_bias(full_mask)
+            out, probs = attend_step(query, self.storage.keys, self.storage.attention_values(), bias, scaling,
+                                     p.head_reduce, p.per_kv_head, self.topn, self.estimator, full_mask is not None)
+            self._pending = {"prefill": False, "step": True, "bias": bias, "mask": full_mask, "votes": [probs]}
         else:
             allowed = self._allowed(full_mask, query.shape[2])
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), allowed, scaling,
@@ -449,6 +579,11 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         if pending["prefill"]:
             out = exact(self.storage.keys, self.storage.values)
             pending["votes"].append(self._prefill_scores(query, full_mask, scaling))
+        elif pending.get("step"):
+            out, probs = attend_step(query, self.storage.keys, self.storage.attention_values(), pending["bias"],
+                                     scaling, p.head_reduce, p.per_kv_head, self.topn, self.estimator,
+                                     full_mask is not None)
+            pending["votes"].append(probs)
         else:
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), pending["allowed"],
                                 scaling, p.head_reduce, p.per_kv_head, self.topn, self.estimator)
@@ -470,6 +605,9 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         combined = self._combine_votes(pending["votes"])
         if pending["prefill"]:
             self._compress_prefill(combined, pending["mask"])
+            self._schedule()
+        elif pending.get("step"):
+            self._finish_decode_step(combined, pending["mask"])
         else:
             q_len = combined.shape[-2]
             self._fold_scores(combined, pending["allowed"])
@@ -478,6 +616,46 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             if fresh is not None:
                 self._start_rows(fresh, self._combine_votes(pending["fresh_votes"]), pending["key_valid"])
             self._maybe_compact(fresh)
+            self._schedule()
+
+    # ----- the decode step ------------------------------------------------------------------------------------------
+    def _step_bias(self, full_mask: torch.Tensor | None) -> torch.Tensor:
+        """float32 ``[B, H_s, 1, T]`` additive mask of a decode step: 0 on the real tokens held (the new one
+        included when the forward's mask lets it attend to itself), ``-inf`` on empty slots. Scores are ``>= 0`` on
+        real tokens (``+inf`` on sinks) and ``-inf`` on empty slots, so the mask is ``min(scores, 0)``; a new token
+        the mask hides (padding) is marked empty first."""
+        scores = self.storage.scores
+        if full_mask is not None:
+            own = full_mask[:, 0, -1, -1]  # [B | 1]: may the new token attend to itself (is it real)
+            scores[:, :, -1:].masked_fill_(~own[:, None, None], NEG_INF)
+        return scores.clamp(max=0.0)[:, :, None, :]
+
+    def _finish_decode_step(self, probs: torch.Tensor, full_mask: torch.Tensor | None) -> None:
+        """The moving average of a decode step (in place), the real-token count, and the compaction check when the
+        countdown says a (row, head) may be over its budget plus slack."""
+        gamma = 1.0 - 1.0 / max(self.params.window, 1)
+        scores = self.storage.scores
+        scores.mul_(gamma).add_(probs[:, :, 0].mul_(1.0 - gamma))
+        if full_mask is None:
+            self.real_seen += 1
+        else:
+            self.real_seen += full_mask[:, 0, -1, -1:]
+        self._countdown -= 1
+        self.storage.reserve = max(self._countdown - 1, 0)
+        if self._countdown <= 0:
+            self._maybe_compact(decode=True)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Decode steps before any (row, head) can exceed its budget plus slack: a step adds at most one token and
+        budgets never shrink, so ``min(budget + slack - held) + 1`` steps are safe. Also notes whether some row holds
+        no real token yet (decode steps then take the general path, which starts such rows)."""
+        budget = self.params.budget(self.real_seen)
+        held = self.storage.valid().sum(dim=-1)
+        room = budget + self.params.slack_for(budget) - held
+        self._countdown = max(1, int(room.min()) + 1)
+        self._maybe_empty = bool((self.real_seen == 0).any())
+        self.storage.reserve = self._countdown - 1  # a buffer that grows makes room for the steps until the check
 
     def _fresh_votes(self, pending: dict, query: torch.Tensor, scaling: float) -> None:
         """Chunked prefill of a left-padded batch: rows that held no real token before this chunk and get their first
@@ -563,7 +741,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         total = self.storage.scores.shape[-1]
         self.real_seen = self.real_seen + self.storage.valid()[:, :, total - q_len :].sum(dim=-1)
 
-    def _maybe_compact(self, fresh: torch.Tensor | None = None) -> None:
+    def _maybe_compact(self, fresh: torch.Tensor | None = None, decode: bool = False) -> None:
         """Compact each (row, head) that holds more than its budget plus slack, and every ``fresh`` row (bool
         ``[B]``, its first real chunk) to its budget; the others keep what they hold.
 
@@ -576,7 +754,9 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         if fresh is not None:
             over = over | fresh[:, None]
         if bool(over.any()):
-            self._compact(torch.where(over, budget, held))
+            # while decoding, the compacted buffers keep room for the tokens until the next compaction (<= slack + 1)
+            reserve = int(self.params.slack_for(int(budget.max()))) + 1 if decode else 0
+            self._compact(torch.where(over, budget, held), reserve)
 
     def _effective_scores(self) -> torch.Tensor:
         """Scores with the moving-average start-up bias of decode-born tokens removed, recent window protected."""
@@ -593,12 +773,21 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             recent[..., -self.params.window :] = True
         return torch.where(recent & (scores > NEG_INF), POS_INF, scores)
 
-    def _compact(self, budget: torch.Tensor) -> None:
+    def _compact(self, budget: torch.Tensor, reserve: int = 0) -> None:
         """Keep, per (row, head), its ``budget`` best tokens (original order); narrower ones get empty slots."""
         total = self.storage.width
         # the rectangle is as wide as its widest (row, head); narrower ones mark what they drop as empty slots
-        width = min(int(budget.max()), total)
+        low, high = (int(v) for v in budget.aminmax())
+        width = min(high, total)
         scores = self._effective_scores()
+        if low == high and high <= total:
+            # every (row, head) keeps the same number and holds at least that many real tokens (``budget`` is never
+            # above what a row holds): the best ``width`` by score, ties to the earlier slot — the set the general
+            # path below takes, without ranking every slot
+            idx = top_slots(scores, width).sort(dim=-1).values
+            self.storage.gather(idx, None, reserve)
+            self.keys, self.values = self.storage.keys, self.storage.values
+            return
         order = torch.argsort(scores, dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(total, device=order.device).expand_as(order))
@@ -606,7 +795,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         # take the kept slots first, then (for narrower rows) the best leftovers as empty slots; original order
         pick = torch.where(keep, 2.0, 0.0) + torch.where(scores > NEG_INF, 1.0, 0.0)
         idx = torch.topk(pick, width, dim=-1, sorted=False).indices.sort(dim=-1).values
-        self.storage.gather(idx, keep.gather(-1, idx))
+        self.storage.gather(idx, keep.gather(-1, idx), reserve)
         self.keys, self.values = self.storage.keys, self.storage.values
 
 
@@ -703,4 +892,5 @@ METHOD = MethodSpec(
 )
 
 
-__all__ = ["BudgetedLayer", "DenseStorage", "METHOD", "PyramidParams", "window_scores", "attend", "theoretical_kept"]
+__all__ = ["BudgetedLayer", "DenseStorage", "METHOD", "PyramidParams", "window_scores", "attend", "attend_step",
+           "theoretical_kept"]
