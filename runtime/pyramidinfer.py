@@ -266,6 +266,19 @@ def attend_step(
     return out.view(bsz, 1, n_q_heads, dim), reduced
 
 
+def take_rows(buffer: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Slots ``idx`` int64 ``[B, H_s, W]`` (``H_s`` 1 or ``H``) of a contiguous ``[B, H, C, d]`` buffer, as a new
+    ``[B, H, W, d]``: one ``index_select`` of whole ``d``-rows (a row copy each, where ``gather`` would index every
+    element)."""
+    if not buffer.is_contiguous():
+        buffer = buffer.contiguous()
+    bsz, heads, capacity, dim = buffer.shape
+    width = idx.shape[-1]
+    base = torch.arange(bsz * heads, device=idx.device).view(bsz, heads, 1) * capacity
+    rows = (idx.expand(bsz, heads, width) + base).reshape(-1)
+    return buffer.view(-1, dim).index_select(0, rows).view(bsz, heads, width, dim)
+
+
 class DenseStorage:
     """K/V of a layer as one rectangle per batch row, with per-slot bookkeeping for a selection.
 
@@ -346,7 +359,8 @@ class DenseStorage:
             self._pos = new_pos.expand(bsz, heads, q_len).contiguous()
             self._sc = torch.zeros((bsz, heads, q_len), dtype=torch.float32, device=device)
             # a copy, as DynamicLayer's cat makes: the model's tensor may be a view of a larger (fused) buffer
-            self._k, self._v = key_states.clone(), value_states.clone()
+            self._k = key_states.clone(memory_format=torch.contiguous_format)
+            self._v = value_states.clone(memory_format=torch.contiguous_format)
             self.width = q_len
             return
         start, end = self.width, self.width + q_len
@@ -389,30 +403,29 @@ class DenseStorage:
     def gather(self, idx: torch.Tensor, kept: torch.Tensor | None, reserve: int = 0) -> None:
         """Keep slots ``idx`` int64 ``[B, H_s, W]`` (ascending); slots where ``kept`` is False become empty (None: all
         kept). The new buffers have room for ``reserve`` more slots."""
-        bsz, n_kv, _, dim = self._k.shape
         width = idx.shape[-1]
-        idx_kv = idx[:, :, :, None].expand(-1, n_kv, -1, dim)  # H_s = 1 broadcasts to every KV head
 
-        def take(buffer: torch.Tensor, index: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-            if reserve == 0 or used.requires_grad:  # (gather's out= does not record gradients)
-                return used.gather(2, index)
-            shape = list(buffer.shape)
+        def fresh(like: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+            """``picked [B, H, W(, d)]`` in a new buffer with room for ``reserve`` more slots."""
+            if reserve == 0 or picked.requires_grad:
+                return picked
+            shape = list(picked.shape)
             shape[2] = width + reserve
-            out = buffer.new_empty(shape)
-            torch.gather(used, 2, index, out=out[:, :, :width])
+            out = like.new_empty(shape)
+            out[:, :, :width] = picked
             return out
 
-        keys, values, positions, scores = self.keys, self.values, self.positions, self.scores  # the used slots
-        self._k = take(self._k, idx_kv, keys)
-        self._pos = take(self._pos, idx, positions)
-        self._sc = take(self._sc, idx, scores)
-        if values is not None:
-            self._v = take(self._v, idx_kv, values)
+        positions, scores = self.positions, self.scores  # the used slots
+        self._k = fresh(self._k, take_rows(self._k, idx))
+        if self._v is not None:
+            self._v = fresh(self._v, take_rows(self._v, idx))
+        self._pos = fresh(self._pos, positions.gather(-1, idx))
+        self._sc = fresh(self._sc, scores.gather(-1, idx))
         self.width = width
         if kept is not None:
             self.scores.masked_fill_(~kept, NEG_INF)
         if self.offloaded:
-            self.store.put(self.store.view().gather(2, idx_kv.to(self.store.device)), valid=self.valid())
+            self.store.put(take_rows(self.store.buffer, idx.to(self.store.device)), valid=self.valid())
 
     def select_rows(self, fn) -> None:
         if self.offloaded:
@@ -615,8 +628,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             fresh = pending.get("fresh")
             if fresh is not None:
                 self._start_rows(fresh, self._combine_votes(pending["fresh_votes"]), pending["key_valid"])
-            self._maybe_compact(fresh)
-            self._schedule()
+            self._schedule(*self._maybe_compact(fresh))
 
     # ----- the decode step ------------------------------------------------------------------------------------------
     def _step_bias(self, full_mask: torch.Tensor | None) -> torch.Tensor:
@@ -643,15 +655,16 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         self._countdown -= 1
         self.storage.reserve = max(self._countdown - 1, 0)
         if self._countdown <= 0:
-            self._maybe_compact(decode=True)
-            self._schedule()
+            self._schedule(*self._maybe_compact(decode=True))
 
-    def _schedule(self) -> None:
+    def _schedule(self, budget: torch.Tensor | None = None, held: torch.Tensor | None = None) -> None:
         """Decode steps before any (row, head) can exceed its budget plus slack: a step adds at most one token and
         budgets never shrink, so ``min(budget + slack - held) + 1`` steps are safe. Also notes whether some row holds
-        no real token yet (decode steps then take the general path, which starts such rows)."""
-        budget = self.params.budget(self.real_seen)
-        held = self.storage.valid().sum(dim=-1)
+        no real token yet (decode steps then take the general path, which starts such rows). ``budget``/``held``: the
+        current ones when the caller has them."""
+        if budget is None:
+            budget = self.params.budget(self.real_seen)
+            held = self.storage.valid().sum(dim=-1)
         room = budget + self.params.slack_for(budget) - held
         self._countdown = max(1, int(room.min()) + 1)
         self._maybe_empty = bool((self.real_seen == 0).any())
@@ -741,9 +754,12 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         total = self.storage.scores.shape[-1]
         self.real_seen = self.real_seen + self.storage.valid()[:, :, total - q_len :].sum(dim=-1)
 
-    def _maybe_compact(self, fresh: torch.Tensor | None = None, decode: bool = False) -> None:
+    def _maybe_compact(
+        self, fresh: torch.Tensor | None = None, decode: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compact each (row, head) that holds more than its budget plus slack, and every ``fresh`` row (bool
-        ``[B]``, its first real chunk) to its budget; the others keep what they hold.
+        ``[B]``, its first real chunk) to its budget; the others keep what they hold. Returns the budgets and what
+        each (row, head) holds now (int64 ``[B, H_s]``).
 
         Decisions are per row, from that row's own counts, so a row of a padded batch evolves exactly as it
         would alone.
@@ -756,7 +772,9 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         if bool(over.any()):
             # while decoding, the compacted buffers keep room for the tokens until the next compaction (<= slack + 1)
             reserve = int(self.params.slack_for(int(budget.max()))) + 1 if decode else 0
-            self._compact(torch.where(over, budget, held), reserve)
+            held = torch.where(over, budget, held)
+            self._compact(held, reserve)
+        return budget, held
 
     def _effective_scores(self) -> torch.Tensor:
         """Scores with the moving-average start-up bias of decode-born tokens removed, recent window protected."""
