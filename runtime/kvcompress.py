@@ -133,7 +133,7 @@ def kvc_scores(
     q_pos = torch.arange(total - w, total, device=keys.device)
     k_pos = torch.arange(total, device=keys.device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # [B, w, T]
-    probs = torch.softmax(logits.masked_fill(~allowed[:, None, None], NEG_INF), dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(logits.masked_fill_(~allowed[:, None, None], NEG_INF), dim=-1).nan_to_num_(0.0)
     if metric == "l2":
         probs = probs * probs
     elif metric != "l1":

@@ -115,8 +115,8 @@ def window_scores(
     q_pos = torch.arange(total - w, total, device=keys.device)
     k_pos = torch.arange(total, device=keys.device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # [B, w, T]
-    logits = logits.masked_fill(~allowed[:, None, None], NEG_INF)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows of padding queries are all -inf
+    logits = logits.masked_fill_(~allowed[:, None, None], NEG_INF)
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # rows of padding queries are all -inf
     per_query = reduce_heads(probs, head_reduce, per_kv_head)  # [B, H_s, w, T]
     real_q = key_valid[:, None, -w:, None]  # a window query is real when its own token is
     n_real = key_valid[:, -w:].sum(dim=1)[:, None, None].clamp(min=1)
@@ -140,6 +140,10 @@ def reduce_heads(probs: torch.Tensor, how: str, per_kv_head: bool = False) -> to
         raise ValueError(f"head_reduce must be 'mean' or 'max', not {how!r}")
     return out if per_kv_head else out.unsqueeze(1)
 
+
+#: Chunks of at most this many queries fold their attention into the scores query by query; longer ones (chunked
+#: prefill) in one closed-form weighted sum (the same average up to float rounding).
+FOLD_LOOP_MAX = 64
 
 #: Bytes of float32 logits one block of queries of a multi-token chunk may take in :func:`attend` (and
 #: ``runtime.kvcompress.ragged_attend``): a long chunk (chunked prefill) is attended block by block, so its transient
@@ -210,8 +214,8 @@ def _attend(
     groups = n_q_heads // n_kv
     q = query.reshape(bsz, n_kv, groups * q_len, dim)
     logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
-    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill(~allowed[:, :, None], NEG_INF)
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill_(~allowed[:, :, None], NEG_INF)
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     flat = probs.view(bsz, n_kv, groups * q_len, total)
     if isinstance(values, ValueStore):
         count = allowed[:, :, -1].sum(dim=-1) if estimator == "residual_mean" else None  # [B, H_s] real tokens
@@ -746,8 +750,14 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         new_real = allowed[:, :, steps, total - q_len + steps]  # [B, H_s, Q] own diagonal
         scores = self.storage.scores.clone()
         scores[:, :, total - q_len :] = torch.where(new_real, 0.0, NEG_INF)
-        for i in range(q_len):
-            scores = gamma * scores + (1.0 - gamma) * probs[:, :, i]
+        if q_len <= FOLD_LOOP_MAX:
+            for i in range(q_len):
+                scores = gamma * scores + (1.0 - gamma) * probs[:, :, i]
+        else:  # the same average in closed form: gamma^Q * scores + sum_i (1 - gamma) gamma^(Q - 1 - i) probs_i
+            ages = torch.arange(q_len - 1, -1, -1, dtype=torch.float64, device=probs.device)
+            weights = ((1.0 - gamma) * torch.pow(gamma, ages)).to(probs.dtype)
+            decay = max(gamma ** q_len, torch.finfo(torch.float32).tiny)  # never 0: -inf and +inf scores stay so
+            scores = scores * decay + torch.matmul(weights, probs)
         self.storage.scores = scores
 
     def _count_new_tokens(self, q_len: int) -> None:
