@@ -1,0 +1,119 @@
+"""The decode step of a PyramidInfer layer (issue 14): tokens written in place into buffers with room, compaction
+checks scheduled by a countdown instead of every step, the long-chunk score fold in closed form.
+
+The invariants: after every decode step each (row, head) holds at most its budget plus slack; the buffers never hold
+more than budget + slack + 1 slots; the countdown never lets a compaction come late (the layer compacts at the same
+step as a layer that checks every step); the closed-form fold equals the query-by-query moving average.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from helpers import pyramid_plan, random_ids, tiny_gqa_model
+
+import runtime
+from runtime.cache import cache_argument
+from runtime.pyramidinfer import FOLD_LOOP_MAX, BudgetedLayer, PyramidParams, take_rows
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gqa_model()
+
+
+def _decode(model, plan, ids, steps, each=None):
+    cache = transformers.DynamicCache(config=model.config)
+    arg = {cache_argument(model): cache}
+    with torch.inference_mode(), runtime.apply_plan(model, plan):
+        out = model(ids, use_cache=True, **arg)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            out = model(token, use_cache=True, **arg)
+            token = out.logits[:, -1:].argmax(-1)
+            if each is not None:
+                each(step, cache)
+    return cache
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.6, 0.9])
+def test_every_decode_step_stays_within_budget_plus_slack(model, keep):
+    plan = pyramid_plan(model, keep)
+    ids = random_ids(2, 120)
+
+    def check(step, cache):
+        for layer in cache.layers:
+            if not isinstance(layer, BudgetedLayer):
+                continue
+            budget = layer.params.budget(layer.real_seen)
+            slack = layer.params.slack_for(budget)
+            held = layer.storage.valid().sum(dim=-1)
+            assert bool((held <= budget + slack).all()), f"step {step}: {held} > {budget} + {slack}"
+            assert layer.storage.capacity <= int((budget + slack).max()) + 1, (step, layer.storage.capacity)
+
+    _decode(model, plan, ids, 60, check)
+
+
+class EveryStep(BudgetedLayer):
+    """The reference: checks for compaction after every decode step (what the countdown replaces)."""
+
+    def _finish_decode_step(self, probs, full_mask):
+        self._countdown = 1
+        super()._finish_decode_step(probs, full_mask)
+
+
+def test_countdown_compacts_at_the_same_steps_as_checking_every_step(model, monkeypatch):
+    plan = pyramid_plan(model, 0.3)
+    ids = random_ids(3, 90, seed=4)
+    widths = {}
+
+    def record(name):
+        def each(step, cache):
+            widths.setdefault(name, []).append([layer.storage.width for layer in cache.layers])
+        return each
+
+    a = _decode(model, plan, ids, 50, record("countdown"))
+    monkeypatch.setattr(PyramidParams, "make_layer", lambda self, readers=0, topn=0, estimator="residual_mean":
+                        EveryStep(self, readers=readers, topn=topn, estimator=estimator))
+    b = _decode(model, plan, ids, 50, record("every step"))
+    assert widths["countdown"] == widths["every step"]
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.storage.keys, lb.storage.keys)
+        assert torch.equal(la.storage.scores, lb.storage.scores)
+
+
+def test_closed_form_fold_equals_the_query_by_query_average():
+    torch.manual_seed(0)
+    layer = PyramidParams(keep=0.5, window=8, sink=2, slack=None, pool=1, head_reduce="mean").make_layer()
+    q_len, old = FOLD_LOOP_MAX + 36, 40
+    total = old + q_len
+    keys = torch.randn(2, 2, total, 4)
+    layer.storage.append(keys, keys.clone(), 0)
+    scores = torch.rand(2, 1, total)
+    scores[0, 0, 3] = float("-inf")
+    scores[1, 0, 0] = float("inf")
+    layer.storage.scores = scores.clone()
+    probs = torch.rand(2, 1, q_len, total)
+    allowed = torch.ones(2, 1, q_len, total, dtype=torch.bool)
+    allowed[1, 0, :, -1] = False  # a masked new token
+    gamma = 1.0 - 1.0 / 8
+    expected = scores.clone()
+    expected[:, :, old:] = torch.where(allowed[:, :, torch.arange(q_len), old + torch.arange(q_len)], 0.0,
+                                       float("-inf"))
+    for i in range(q_len):
+        expected = gamma * expected + (1.0 - gamma) * probs[:, :, i]
+    layer._fold_scores(probs, allowed)
+    got = layer.storage.scores
+    assert torch.equal(torch.isinf(got), torch.isinf(expected)) and torch.equal(got > 0, expected > 0)
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-7)
+
+
+def test_take_rows_is_gather():
+    torch.manual_seed(1)
+    buffer = torch.randn(3, 4, 20, 8)
+    for heads in (1, 4):
+        idx = torch.sort(torch.randint(0, 15, (3, heads, 7)), dim=-1).values
+        expected = buffer[:, :, :15].gather(2, idx[..., None].expand(3, 4, 7, 8))
+        assert torch.equal(take_rows(buffer, idx), expected)
