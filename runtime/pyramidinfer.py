@@ -15,7 +15,6 @@ the only per-token state beside K/V is an int32 position and a float32 score.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
