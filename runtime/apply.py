@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from . import attention
-from .chunking import AUTO, ChunkedPrefill, resolve_chunk_size
+from .chunking import AUTO, BlockwiseMLP, ChunkedPrefill, position_wise_mlps, resolve_block_tokens, resolve_chunk_size
 from .cache import cache_argument, install_plan_layers, layer_plans
 from .kvsharer import restore_projections, skip_projections
 from .layers import PlanLayer
@@ -35,13 +35,16 @@ class AppliedPlan:
     """Handle of a plan applied to a model; also a context manager that removes it on exit.
 
     ``prefill_chunk_size``: a forward over more new tokens than this is prefilled in chunks of this many tokens
-    (``runtime/chunking.py``); None feeds every forward in one piece. It may be changed while the plan is applied.
+    (``runtime/chunking.py``); None feeds every forward in one piece. ``mlp_block_tokens``: the decoder layers'
+    MLPs compute at most this many tokens at once (``runtime.chunking.BlockwiseMLP``); None: all at once. Both may
+    be changed while the plan is applied.
     """
 
     model: torch.nn.Module
     plan: Plan
     previous_attn_implementation: str | None
     prefill_chunk_size: int | None = None
+    mlp_block_tokens: int | None = None
     _handles: list = field(default_factory=list, repr=False)
     _swapped: list = field(default_factory=list, repr=False)
     active: bool = True
@@ -147,13 +150,22 @@ def find_applied(model: torch.nn.Module) -> AppliedPlan | None:
     return None
 
 
-def apply_plan(model: torch.nn.Module, plan: Plan | str, prefill_chunk_size: int | str | None = AUTO) -> AppliedPlan:
+def apply_plan(
+    model: torch.nn.Module,
+    plan: Plan | str,
+    prefill_chunk_size: int | str | None = AUTO,
+    mlp_block_tokens: int | str | None = AUTO,
+) -> AppliedPlan:
     """Apply ``plan`` (a :class:`Plan`, a file path or a Hub repo id) to ``model``; returns a removable handle.
 
     ``prefill_chunk_size``: a forward over more new tokens than this (the prefill of ``generate``) is fed in chunks
     of this many tokens, the cache compressed after each (``runtime/chunking.py``). ``"auto"`` (default):
     :data:`runtime.chunking.DEFAULT_PREFILL_CHUNK_SIZE` for a plan that changes the cache, off for a plan with every
     method off; ``None`` or ``0``: off (one-shot prefill); a positive int: that size. ``ValueError`` otherwise.
+    ``mlp_block_tokens``: in a forward over more tokens than this (batch x length), each decoder layer's
+    position-wise MLP runs over blocks of this many tokens, so its intermediate activations are those of one block
+    (``runtime.chunking.BlockwiseMLP``); same values as ``prefill_chunk_size`` (``"auto"``:
+    :data:`runtime.chunking.DEFAULT_MLP_BLOCK_TOKENS`, off for a plan with every method off).
 
     Raises :class:`PlanError` if the plan was made for another architecture or shape, if it enables a method this
     runtime cannot apply (it is refused whole, never applied without that method), or if a plan is already
@@ -162,6 +174,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str, prefill_chunk_size: int
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     chunk_size = resolve_chunk_size(prefill_chunk_size, plan)
+    block_tokens = resolve_block_tokens(mlp_block_tokens, plan)
     plan.validate(model)
     layers = layer_plans(plan, model.config)  # refuses methods this runtime cannot apply
     if find_applied(model) is not None:
@@ -173,7 +186,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str, prefill_chunk_size: int
     name = attention.register()
     model.set_attn_implementation(name)
     applied = AppliedPlan(model=model, plan=plan, previous_attn_implementation=previous,
-                          prefill_chunk_size=chunk_size)
+                          prefill_chunk_size=chunk_size, mlp_block_tokens=block_tokens)
     decoder = _decoder(model)
     sources = [spec.source for spec in layers]
     applied._swapped = skip_projections(decoder.layers, sources)
@@ -184,6 +197,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan | str, prefill_chunk_size: int
     if decoder is not model:  # a model whose decoder is itself (no LM head) is not chunked
         chunker = ChunkedPrefill(applied, model.config, cache_argument(model))
         applied._handles.append(model.register_forward_pre_hook(chunker, with_kwargs=True, prepend=True))
+    if not plan.is_noop:  # a plan with every method off stays stock generation, bit for bit
+        applied._handles.extend(BlockwiseMLP.attach(applied, mlp) for mlp in position_wise_mlps(decoder.layers))
     return applied
 
 

@@ -18,7 +18,7 @@ from . import registry
 from .errors import PlanError
 from .kcache import OffloadedLayer
 from .kvsharer import SharedLayer
-from .layers import FullLayer, LayerPlan, PlanLayer, layer_bytes
+from .layers import CompressingLayer, FullLayer, LayerPlan, PlanLayer, layer_bytes
 from .plan import Plan
 from .pyramidinfer import BudgetedLayer, theoretical_kept  # noqa: F401  (BudgetedLayer: re-exported)
 
@@ -90,6 +90,10 @@ def install_plan_layers(cache: Cache, specs: list[LayerPlan]) -> bool:
         layer = _build_layer(spec, layers)
         if layer is not None:
             layers[spec.index] = layer
+    short = all(getattr(layer, "reads_own_columns_only", False) for layer in layers)
+    for layer in layers:
+        if isinstance(layer, CompressingLayer):
+            layer.short_mask = short
     return True
 
 

@@ -153,4 +153,95 @@ class ChunkedPrefill:
         return step
 
 
-__all__ = ["AUTO", "ChunkedPrefill", "DEFAULT_PREFILL_CHUNK_SIZE", "chunk_bounds", "resolve_chunk_size"]
+#: Tokens an MLP of the model computes at once in a long forward with a plan applied (``apply_plan(...,
+#: mlp_block_tokens="auto")``). A decoder layer's MLP is position-wise, and in a prefill its intermediate
+#: activations are the largest tensors alive (gate, up and their product, ``3 x tokens x intermediate`` floats: 72 MiB
+#: for 4,096 tokens of SmolLM2-135M, against 9 MiB for the hidden states): fed in blocks of this many tokens, its
+#: transient is that of one block. Row blocks of a linear layer give bit-identical outputs on CPU here
+#: (tests/test_chunked_prefill.py checks the logits); on other back ends a GEMM may pick another kernel for fewer rows.
+DEFAULT_MLP_BLOCK_TOKENS = 1024
+
+
+def resolve_block_tokens(value, plan) -> int | None:
+    """The MLP block size a plan is applied with: ``"auto"`` is :data:`DEFAULT_MLP_BLOCK_TOKENS` for a plan that
+    changes the cache, off for one with every method off; ``None`` or ``0`` is off; a positive int is that size.
+    Raises ``ValueError`` for anything else."""
+    if isinstance(value, str):
+        if value != AUTO:
+            raise ValueError(f"mlp_block_tokens must be a positive int, 0/None (off) or 'auto', not {value!r}")
+        return None if plan.is_noop else DEFAULT_MLP_BLOCK_TOKENS
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"mlp_block_tokens must be a positive int, 0/None (off) or 'auto', not {value!r}")
+    return value or None
+
+
+_MISSING = object()
+
+
+class BlockwiseMLP:
+    """Runs one position-wise MLP module over blocks of tokens (see :data:`DEFAULT_MLP_BLOCK_TOKENS`).
+
+    Set as that module instance's own ``forward`` attribute by :meth:`attach` (``torch.nn.Module.__call__`` calls
+    ``self.forward``; the class, its parameters and ``state_dict`` are untouched) and taken off by :meth:`remove`,
+    which restores exactly what the instance had. It wraps whatever ``forward`` the instance had (the bound method,
+    or a wrapper of another library such as accelerate's offload hooks) and calls it once per block. A forward runs in
+    one piece when blocking is off (``owner.mlp_block_tokens`` None), when autograd records it (its saved activations
+    would be as large as the ones blocking avoids), or when its input is not ``[B, L, hidden]`` with
+    ``B x L > owner.mlp_block_tokens``. Blocks cut the sequence dimension, ``max(1, size // B)`` positions of every row
+    each, so a row's tokens are computed the same way whatever the batch.
+    """
+
+    def __init__(self, owner, module: torch.nn.Module):
+        self.owner = owner
+        self.module = module
+        self._own = module.__dict__.get("forward", _MISSING)
+        self._forward = module.forward
+
+    @classmethod
+    def attach(cls, owner, module: torch.nn.Module) -> BlockwiseMLP:
+        wrapper = cls(owner, module)
+        module.forward = wrapper
+        return wrapper
+
+    def __call__(self, hidden, *args, **kwargs):
+        size = self.owner.mlp_block_tokens
+        if (size is None or args or kwargs or torch.is_grad_enabled() or not isinstance(hidden, torch.Tensor)
+                or hidden.dim() != 3 or hidden.shape[0] * hidden.shape[1] <= size):
+            return self._forward(hidden, *args, **kwargs)
+        bsz, length = hidden.shape[:2]
+        step = max(1, size // bsz)
+        first = self._forward(hidden[:, :step])
+        out = first.new_empty(bsz, length, *first.shape[2:])
+        out[:, :step] = first
+        del first
+        for start in range(step, length, step):
+            out[:, start : start + step] = self._forward(hidden[:, start : start + step])
+        return out
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self:
+            return
+        if self._own is _MISSING:
+            del self.module.forward
+        else:
+            self.module.forward = self._own
+
+
+def position_wise_mlps(decoder_layers) -> list[torch.nn.Module]:
+    """The MLP of each decoder layer that is position-wise for sure: a module named ``mlp`` whose class name ends in
+    ``MLP`` (Llama, Mistral, Qwen2, Phi3, Gemma3, ... MLPs). Mixture-of-experts blocks and unknown modules are left
+    alone."""
+    found = []
+    for layer in decoder_layers:
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, torch.nn.Module) and type(mlp).__name__.endswith("MLP"):
+            found.append(mlp)
+    return found
+
+
+__all__ = [
+    "AUTO", "BlockwiseMLP", "ChunkedPrefill", "DEFAULT_MLP_BLOCK_TOKENS", "DEFAULT_PREFILL_CHUNK_SIZE", "chunk_bounds",
+    "position_wise_mlps", "resolve_block_tokens", "resolve_chunk_size",
+]

@@ -480,6 +480,8 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
     would alone.
     """
 
+    reads_own_columns_only = True  # later chunks: tail scores (> -inf) for older tail tokens, the mask's last Q columns
+
     def __init__(self, params: HeadParams, readers: int = 0, topn: int = 0, estimator: str = "residual_mean"):
         super().__init__()
         check_estimator(estimator)
@@ -749,7 +751,12 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
             q_pos = torch.arange(self.seen - q_len, self.seen, device=self._tail_k.device)
             t_pos = torch.arange(self.seen - n_tail, self.seen, device=self._tail_k.device)
             return (t_pos[None, :] <= q_pos[:, None]).expand(bsz, q_len, n_tail)
-        allowed = full_mask[:, 0, :, -n_tail:].expand(bsz, q_len, n_tail)
+        # the tail's older tokens: the real ones (scores > -inf), which every query of a later chunk may attend to (a
+        # left-padded row has real tokens before this chunk only if all its queries are real); the chunk's own: the
+        # forward's mask over its last q_len columns (the only ones a narrowed mask has, CompressingLayer.short_mask)
+        new = full_mask[:, 0, :, -q_len:].expand(bsz, q_len, q_len)
+        old = (self.tail_scores[:, :, : n_tail - q_len] > NEG_INF).any(dim=1)  # [B, n_tail - Q]
+        allowed = torch.cat([old[:, None, :].expand(bsz, q_len, n_tail - q_len), new], dim=-1)
         if q_len == 1 and bool(allowed.all()):
             return None
         return allowed

@@ -73,6 +73,10 @@ class SharedLayer(DynamicLayer, PlanLayer):
     def get_mask_sizes(self, *args) -> tuple[int, int]:
         return self.source.get_mask_sizes(*args)
 
+    @property
+    def reads_own_columns_only(self) -> bool:
+        return self.source.reads_own_columns_only
+
     def get_max_length(self) -> int:
         return self.source.get_max_length()
 

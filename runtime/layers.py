@@ -91,6 +91,11 @@ def tensor_bytes(tensors, by_device: bool = False) -> int | dict[str, int]:
 class PlanLayer:
     """Interface of every kvplan cache layer (mixed into a transformers ``CacheLayerMixin`` subclass)."""
 
+    #: Whether the attention of a forward after this layer's first needs only the mask's columns of the forward's own
+    #: tokens (the layer knows itself which older tokens are real). When every layer of a cache does, the forward's
+    #: mask is narrowed to those columns (:attr:`CompressingLayer.short_mask`).
+    reads_own_columns_only: bool = False
+
     def attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, exact: ExactFn) -> torch.Tensor:
         """Output ``[B, Q, H_q, d]`` of ``query [B, H_q, Q, d]`` over what the layer holds (``mask``: bool
         ``[B|1, 1, Q, seen]`` over the full sequence, or None)."""
@@ -148,6 +153,12 @@ class CompressingLayer(PlanLayer):
     seen: int = 0
     compressed: bool = False
     _pending: dict | None = None
+    #: Set by ``runtime.cache.install_plan_layers`` when every layer of the cache reads only its forward's own mask
+    #: columns (:attr:`PlanLayer.reads_own_columns_only`): once compressed, the layer then reports mask sizes
+    #: ``(new tokens, seen)``, so transformers builds the mask of a chunk over the chunk's own positions only
+    #: (``[B, 1, Q, Q]``, or none at all without padding) instead of ``[B, 1, Q, seen + Q]``: 32 MiB of bool for the
+    #: second chunk of 4,096 of an 8k prompt, 84 MiB for the last chunk of a 24k one.
+    short_mask: bool = False
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -158,6 +169,8 @@ class CompressingLayer(PlanLayer):
             if isinstance(query_length_or_cache_position, torch.Tensor)
             else int(query_length_or_cache_position)
         )
+        if self.short_mask and self.compressed:
+            return q_len, self.seen
         return self.seen + q_len, 0
 
     def check_forward(self, layer_idx: int, where: str) -> None:

@@ -156,6 +156,50 @@ def query_block(queries_per_token: int, keys: int) -> int:
     return max(1, QUERY_BLOCK_BYTES // max(1, 4 * queries_per_token * keys))
 
 
+class ChunkMask:
+    """The bool mask ``[B, H_s, Q, T]`` of a chunk of ``Q`` queries over the ``T`` slots a layer holds (its last ``Q``
+    slots are the chunk's own tokens), built one block of queries at a time (:meth:`rows`): a chunk of a chunked
+    prefill never holds its whole ``Q x T`` rectangle (19 MB for 4,096 queries over 4,600 slots, twice that while it
+    is assembled).
+
+    Args:
+        old: bool ``[B, H_s, T - Q]``: the real tokens held before the chunk (every query may attend to them).
+        new: bool ``[B|1, 1, Q, Q]``: the forward's mask over the chunk's own tokens, or None (causal, no padding).
+    """
+
+    def __init__(self, old: torch.Tensor, new: torch.Tensor | None, q_len: int):
+        self.old, self.new, self.q_len = old, new, q_len
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        bsz, heads, held = self.old.shape
+        return bsz, heads, self.q_len, held + self.q_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.old.device
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """bool ``[B, H_s, end - start, T]``: the mask of queries ``start..end-1``."""
+        bsz, heads, held = self.old.shape
+        end = min(end, self.q_len)
+        count = end - start
+        if self.new is None:  # query start + i sees the chunk's tokens 0 .. start + i
+            own = torch.ones(count, self.q_len, dtype=torch.bool, device=self.old.device).tril(diagonal=start)
+        else:
+            own = self.new[:, :, start:end]
+        return torch.cat([self.old[:, :, None, :].expand(bsz, heads, count, held),
+                          own.expand(bsz, heads, count, self.q_len)], dim=-1)
+
+    def own(self) -> torch.Tensor:
+        """bool ``[B, H_s, Q]``: may each query attend to its own token (is it real)."""
+        bsz, heads = self.old.shape[:2]
+        if self.new is None:
+            return torch.ones(bsz, heads, self.q_len, dtype=torch.bool, device=self.old.device)
+        steps = torch.arange(self.q_len, device=self.new.device)
+        return self.new[:, :, steps, steps].expand(bsz, heads, self.q_len)
+
+
 def attend(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -166,20 +210,52 @@ def attend(
     per_kv_head: bool = False,
     topn: int = 0,
     estimator: str = "residual_mean",
+    fold: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_attend` (its doc) over blocks of the chunk's queries (:func:`query_block`); one block for a decode
-    step or a short chunk."""
-    bsz, n_q_heads, q_len, _ = query.shape
+    step or a short chunk. ``allowed`` may be a :class:`ChunkMask` (built block by block) instead of the bool
+    tensor.
+
+    ``fold``: float32 ``[Q]`` weights, or None. Given, the second output is not the probabilities ``[B, H_s, Q, T]``
+    but their weighted sum over the chunk's queries, ``sum_q fold[q] * probs[:, :, q]`` ``[B, H_s, T]``, summed block
+    by block: a long chunk then never holds the probabilities of all its queries (``Q x T`` floats per selection
+    head, 75 MB for 4,096 queries over 4,600 slots).
+    """
+    bsz, n_q_heads, q_len, dim = query.shape
     step = query_block(bsz * n_q_heads, keys.shape[2])
+
+    def block(start: int, end: int) -> torch.Tensor:
+        return allowed.rows(start, end) if isinstance(allowed, ChunkMask) else allowed[:, :, start:end]
+
     if q_len <= step:
-        return _attend(query, keys, values, allowed, scaling, head_reduce, per_kv_head, topn, estimator, q_len == 1)
-    outs, probs = [], []
+        out, probs = _attend(query, keys, values, block(0, q_len), scaling, head_reduce, per_kv_head, topn, estimator,
+                             q_len == 1)
+        return out, probs if fold is None else torch.matmul(fold, probs)
+    out = query.new_empty(bsz, q_len, n_q_heads, dim)
+    probs, folded = [], None
     for start in range(0, q_len, step):
-        out, prob = _attend(query[:, :, start : start + step], keys, values, allowed[:, :, start : start + step],
-                            scaling, head_reduce, per_kv_head, topn, estimator, False)
-        outs.append(out)
-        probs.append(prob)
-    return torch.cat(outs, dim=1), torch.cat(probs, dim=2)
+        part, prob = _attend(query[:, :, start : start + step], keys, values, block(start, start + step),
+                             scaling, head_reduce, per_kv_head, topn, estimator, False)
+        out[:, start : start + step] = part
+        if fold is None:
+            probs.append(prob)
+        else:
+            prob = torch.matmul(fold[start : start + step], prob)
+            folded = prob if folded is None else folded.add_(prob)
+    return out, torch.cat(probs, dim=2) if fold is None else folded
+
+
+def _probabilities(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """float32 softmax probabilities ``[B, H_kv, G, Q, T]`` of ``query [B, H_q, Q, d]`` (head ``k * G + g`` in KV
+    head ``k``'s group) over ``keys [B, H_kv, T, d]`` under ``allowed`` bool ``[B, H_s, Q, T]``; 0 for a query with
+    nothing to attend to."""
+    bsz, n_q_heads, q_len, dim = query.shape
+    n_kv, total = keys.shape[1], keys.shape[2]
+    groups = n_q_heads // n_kv
+    q = query.reshape(bsz, n_kv, groups * q_len, dim)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
+    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill_(~allowed[:, :, None], NEG_INF)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
 
 
 def _attend(
@@ -211,10 +287,7 @@ def _attend(
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv, total = keys.shape[1], keys.shape[2]
     groups = n_q_heads // n_kv
-    q = query.reshape(bsz, n_kv, groups * q_len, dim)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
-    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill_(~allowed[:, :, None], NEG_INF)
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    probs = _probabilities(query, keys, allowed, scaling)
     flat = probs.view(bsz, n_kv, groups * q_len, total)
     if isinstance(values, ValueStore):
         count = allowed[:, :, -1].sum(dim=-1) if estimator == "residual_mean" else None  # [B, H_s] real tokens
@@ -461,6 +534,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
     the tokens *seen*, so positions and masks stay those of the full sequence; ``kept_length()`` is the width held.
     """
 
+    reads_own_columns_only = True  # later chunks: storage.valid() for held tokens, the mask's last Q columns
+
     def __init__(self, params: PyramidParams, readers: int = 0, topn: int = 0, estimator: str = "residual_mean"):
         super().__init__()
         check_estimator(estimator)
@@ -572,9 +647,10 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             self._pending = {"prefill": False, "step": True, "bias": bias, "mask": full_mask, "votes": [probs]}
         else:
             allowed = self._allowed(full_mask, query.shape[2])
+            fold = self._fold_weights(query.shape[2])
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), allowed, scaling,
-                                p.head_reduce, p.per_kv_head, self.topn, self.estimator)
-            self._pending = {"prefill": False, "allowed": allowed, "votes": [probs]}
+                                p.head_reduce, p.per_kv_head, self.topn, self.estimator, fold)
+            self._pending = {"prefill": False, "allowed": allowed, "fold": fold, "votes": [probs]}
             self._fresh_votes(self._pending, query, scaling)
         if self.readers == 0:
             self._finish_step()
@@ -602,7 +678,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             pending["votes"].append(probs)
         else:
             out, probs = attend(query, self.storage.keys, self.storage.attention_values(), pending["allowed"],
-                                scaling, p.head_reduce, p.per_kv_head, self.topn, self.estimator)
+                                scaling, p.head_reduce, p.per_kv_head, self.topn, self.estimator, pending["fold"])
             pending["votes"].append(probs)
             self._fresh_votes(pending, query, scaling)
         if len(pending["votes"]) == self.readers + 1:
@@ -625,8 +701,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         elif pending.get("step"):
             self._finish_decode_step(combined, pending["mask"])
         else:
-            q_len = combined.shape[-2]
-            self._fold_scores(combined, pending["allowed"])
+            q_len = pending["allowed"].q_len
+            self._fold_scores(combined, pending["allowed"].own(), pending["fold"] is not None)
             self._count_new_tokens(q_len)
             fresh = pending.get("fresh")
             if fresh is not None:
@@ -679,11 +755,10 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         their solo run is (``window_scores`` over what they hold, compressed to their budget); ``pending`` gets the
         rows, the key validity and this query's vote."""
         allowed = pending["allowed"]
-        q_len = allowed.shape[-2]
+        q_len = allowed.q_len
         if "fresh" not in pending:
             total = allowed.shape[-1]
-            steps = torch.arange(q_len, device=allowed.device)
-            own = allowed[:, 0, steps, total - q_len + steps]  # [B, Q]: is each new token real
+            own = allowed.own()[:, 0]  # [B, Q]: is each new token real
             fresh = (self.real_seen[:, 0] == 0) & own.any(dim=-1)
             if not bool(fresh.any()):
                 pending["fresh"] = None
@@ -728,35 +803,44 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             self.storage.offload(ValueStore(keys.device))
             self.values = None
 
-    def _allowed(self, full_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
-        """bool ``[B, H_s, Q, T]`` over the held slots: old real tokens, plus the new chunk's own (causal) mask."""
+    def _allowed(self, full_mask: torch.Tensor | None, q_len: int) -> ChunkMask:
+        """The mask ``[B, H_s, Q, T]`` over the held slots (:class:`ChunkMask`): old real tokens, plus the new chunk's
+        own (causal) mask."""
         valid = self.storage.valid()
-        bsz, heads, total = valid.shape
-        old = valid[:, :, : total - q_len]
-        if full_mask is None:
-            new = torch.ones(q_len, q_len, dtype=torch.bool, device=old.device).tril()
-            new = new.expand(bsz, heads, q_len, q_len)
-        else:
-            new = full_mask[:, :, :, -q_len:].expand(bsz, heads, q_len, q_len)
-        return torch.cat([old[:, :, None, :].expand(bsz, heads, q_len, total - q_len), new], dim=-1)
+        new = None if full_mask is None else full_mask[:, :, :, -q_len:]
+        return ChunkMask(valid[:, :, : valid.shape[-1] - q_len], new, q_len)
 
-    def _fold_scores(self, probs: torch.Tensor, allowed: torch.Tensor) -> None:
-        """Exponential moving average of the attention each held token receives (about ``window`` steps)."""
+    def _fold_weights(self, q_len: int) -> torch.Tensor | None:
+        """float32 ``[Q]`` weights of the closed-form moving average of a long chunk (:meth:`_fold_scores`), when the
+        chunk's attention may be folded as it is computed (:func:`attend`'s ``fold``): the chunk is longer than
+        :data:`FOLD_LOOP_MAX` and its votes combine linearly (no sharing layer votes, or votes averaged). None: the
+        probabilities are kept per query and folded after the last vote."""
+        if q_len <= FOLD_LOOP_MAX or (self.readers > 0 and self.params.head_reduce != "mean"):
+            return None
+        gamma = 1.0 - 1.0 / max(self.params.window, 1)
+        ages = torch.arange(q_len - 1, -1, -1, dtype=torch.float64, device=self.storage.scores.device)
+        return ((1.0 - gamma) * torch.pow(gamma, ages)).float()
+
+    def _fold_scores(self, probs: torch.Tensor, new_real: torch.Tensor, folded: bool = False) -> None:
+        """Exponential moving average of the attention each held token receives (about ``window`` steps).
+
+        ``probs``: float32 ``[B, H_s, Q, T]``, or with ``folded`` their sum weighted by :meth:`_fold_weights`
+        ``[B, H_s, T]``; ``new_real``: bool ``[B, H_s, Q]``, which of the chunk's tokens are real
+        (:meth:`ChunkMask.own`)."""
         gamma = 1.0 - 1.0 / max(self.params.window, 1)
         total = self.storage.scores.shape[-1]
-        q_len = probs.shape[-2]
-        steps = torch.arange(q_len)
-        new_real = allowed[:, :, steps, total - q_len + steps]  # [B, H_s, Q] own diagonal
+        q_len = new_real.shape[-1]
         scores = self.storage.scores.clone()
         scores[:, :, total - q_len :] = torch.where(new_real, 0.0, NEG_INF)
         if q_len <= FOLD_LOOP_MAX:
             for i in range(q_len):
                 scores = gamma * scores + (1.0 - gamma) * probs[:, :, i]
         else:  # the same average in closed form: gamma^Q * scores + sum_i (1 - gamma) gamma^(Q - 1 - i) probs_i
-            ages = torch.arange(q_len - 1, -1, -1, dtype=torch.float64, device=probs.device)
-            weights = ((1.0 - gamma) * torch.pow(gamma, ages)).to(probs.dtype)
+            if not folded:
+                ages = torch.arange(q_len - 1, -1, -1, dtype=torch.float64, device=probs.device)
+                probs = torch.matmul(((1.0 - gamma) * torch.pow(gamma, ages)).to(probs.dtype), probs)
             decay = max(gamma ** q_len, torch.finfo(torch.float32).tiny)  # never 0: -inf and +inf scores stay so
-            scores = scores * decay + torch.matmul(weights, probs)
+            scores = scores * decay + probs
         self.storage.scores = scores
 
     def _count_new_tokens(self, q_len: int) -> None:

@@ -424,8 +424,96 @@ def test_every_chunk_attends_exactly_what_the_layer_holds(monkeypatch, name):
                 continue  # KCache: a decode step reads only the top-N value rows (an estimate by design)
             keys, values = recorder.full_kv(call)
             real_q = _real_queries(call, full_mask_2d, keys.shape[2])
-            diff = (call["out"] - _reference(call, keys, values)).abs()[real_q]
+            real_keys = full_mask_2d[:, : keys.shape[2]].bool()
+            diff = (call["out"] - _reference(call, keys, values, real_keys=real_keys)).abs()[real_q]
             assert float(diff.max()) <= 1e-5, f"layer {layer} step {step}"
             if step > 0:  # from the second chunk on, the layer holds fewer tokens than it has seen
                 holds = _held_mask(call["positions"], call["valid"], keys.shape[1], keys.shape[2])
                 assert int(holds.sum(dim=-1).max()) < keys.shape[2]
+
+
+# ----- the MLP in blocks of tokens ------------------------------------------------------------------------------------
+def _mlp_calls(model, plan, ids, block_tokens) -> tuple[torch.Tensor, list[int]]:
+    """Logits of a one-shot forward over ``ids`` under ``plan`` with ``mlp_block_tokens``, and the number of tokens
+    (batch x length) of every call of the first layer's MLP (seen by its down projection)."""
+    calls = []
+    mlp = model.model.layers[0].mlp
+    handle = mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: calls.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        with torch.inference_mode(), runtime.apply_plan(model, plan, prefill_chunk_size=None,
+                                                        mlp_block_tokens=block_tokens):
+            cache = DynamicCache(config=model.config)
+            logits = model(ids, use_cache=True, **{cache_argument(model): cache}).logits
+    finally:
+        handle.remove()
+    return logits, calls
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_mlp_runs_in_blocks_of_tokens_with_the_same_logits(model, rows):
+    """A forward over more tokens than ``mlp_block_tokens`` computes every decoder layer's MLP block by block (its
+    intermediate activations are one block's) and returns the logits of the one-piece MLP."""
+    plan = _plans(model)["all"]
+    ids = random_ids(rows, 70, seed=21)
+    whole, whole_calls = _mlp_calls(model, plan, ids, None)
+    blocked, calls = _mlp_calls(model, plan, ids, 32)
+    assert whole_calls == [rows * 70]
+    step = max(1, 32 // rows)  # positions of every row per block
+    assert calls == [rows * min(step, 70 - start) for start in range(0, 70, step)]
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_mlp_blocks_are_taken_off_with_the_plan_and_skip_noop_plans_and_autograd(model):
+    mlps = [layer.mlp for layer in model.model.layers]
+    plan = _plans(model)["pyramidinfer"]
+    with runtime.apply_plan(model, plan, mlp_block_tokens=16) as applied:
+        assert all("forward" in mlp.__dict__ for mlp in mlps)
+        assert applied.mlp_block_tokens == 16
+        ids = random_ids(1, 40, seed=2)
+        calls = []
+        handle = mlps[0].down_proj.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+        try:
+            model(ids, use_cache=True)  # autograd on: one piece
+            assert calls == [40]
+        finally:
+            handle.remove()
+    assert not any("forward" in mlp.__dict__ for mlp in mlps)
+    noop = Plan(fingerprint=fingerprint_from_model(model), methods=(), tensors={})
+    with runtime.apply_plan(model, noop) as applied:
+        assert applied.mlp_block_tokens is None
+        assert not any("forward" in mlp.__dict__ for mlp in mlps)
+    with runtime.apply_plan(model, plan) as applied:
+        assert applied.mlp_block_tokens == runtime.chunking.DEFAULT_MLP_BLOCK_TOKENS
+
+
+def test_resolve_block_tokens():
+    from runtime.chunking import DEFAULT_MLP_BLOCK_TOKENS, resolve_block_tokens
+
+    class _Plan:
+        is_noop = False
+
+    assert resolve_block_tokens("auto", _Plan()) == DEFAULT_MLP_BLOCK_TOKENS
+    assert resolve_block_tokens(None, _Plan()) is None and resolve_block_tokens(0, _Plan()) is None
+    assert resolve_block_tokens(64, _Plan()) == 64
+    for bad in ("big", -1, 2.5, True):
+        with pytest.raises(ValueError, match="mlp_block_tokens"):
+            resolve_block_tokens(bad, _Plan())
+
+
+@pytest.mark.parametrize("name,narrow", [("all", True), ("pyramidinfer", True), ("kcache", False), ("kvsharer", False)])
+def test_the_mask_of_a_later_forward_covers_its_own_tokens_when_every_layer_allows(model, name, narrow):
+    """Once compressed, a cache whose every layer reads only its forward's own mask columns (PyramidInfer, KV-Compress
+    layers, and sharing layers reading them) reports mask sizes ``(new tokens, seen)``: transformers then builds a
+    ``[B, 1, Q, Q]`` mask (or none) for a chunk instead of ``[B, 1, Q, seen + Q]``. A cache with a layer that holds
+    every token (KCache alone, a KVSharer source without budget) keeps the full mask."""
+    plan = _plans(model)[name]
+    with torch.inference_mode(), runtime.apply_plan(model, plan, prefill_chunk_size=None):
+        cache = DynamicCache(config=model.config)
+        model(random_ids(1, 40, seed=5), use_cache=True, **{cache_argument(model): cache})
+        import inspect
+
+        params = inspect.signature(cache.layers[0].get_mask_sizes).parameters
+        # transformers >= 5.3 passes the query length, older versions the cache positions
+        sizes = cache.layers[0].get_mask_sizes(12 if "query_length" in params else torch.arange(40, 52))
+    assert sizes == ((12, 40) if narrow else (52, 0))

@@ -15,7 +15,8 @@ from helpers import pyramid_plan, random_ids, tiny_gqa_model
 
 import runtime
 from runtime.cache import cache_argument
-from runtime.pyramidinfer import FOLD_LOOP_MAX, BudgetedLayer, PyramidParams, take_rows
+import runtime.pyramidinfer as pyramidinfer
+from runtime.pyramidinfer import FOLD_LOOP_MAX, BudgetedLayer, PyramidParams, attend, take_rows
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,55 @@ def test_closed_form_fold_equals_the_query_by_query_average():
                                        float("-inf"))
     for i in range(q_len):
         expected = gamma * expected + (1.0 - gamma) * probs[:, :, i]
-    layer._fold_scores(probs, allowed)
+    layer._fold_scores(probs, allowed[:, :, torch.arange(q_len), old + torch.arange(q_len)])
     got = layer.storage.scores
     assert torch.equal(torch.isinf(got), torch.isinf(expected)) and torch.equal(got > 0, expected > 0)
     finite = torch.isfinite(expected)
     torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("head_reduce,per_kv_head", [("mean", False), ("max", False), ("max", True)])
+def test_attend_folds_block_by_block_what_it_would_return(monkeypatch, head_reduce, per_kv_head):
+    """A long chunk's attention folded as it is computed (``fold``: one block's probabilities at a time) equals the
+    weighted sum of the probabilities it returns unfolded, and its output is the same."""
+    torch.manual_seed(2)
+    bsz, n_q, n_kv, q_len, total, dim = 2, 6, 2, 150, 190, 8
+    query, keys, values = torch.randn(bsz, n_q, q_len, dim), torch.randn(bsz, n_kv, total, dim), torch.randn(
+        bsz, n_kv, total, dim)
+    heads = n_kv if per_kv_head else 1
+    allowed = torch.rand(bsz, heads, q_len, total) > 0.3
+    allowed[..., 0] = True
+    fold = torch.rand(q_len)
+    out_full, probs = attend(query, keys, values, allowed, 0.3, head_reduce, per_kv_head)
+    monkeypatch.setattr(pyramidinfer, "QUERY_BLOCK_BYTES", 4 * bsz * n_q * total * 40)  # blocks of 40 queries
+    assert pyramidinfer.query_block(bsz * n_q, total) == 40
+    out_blocks, folded = attend(query, keys, values, allowed, 0.3, head_reduce, per_kv_head, fold=fold)
+    assert folded.shape == (bsz, heads, total)
+    torch.testing.assert_close(folded, torch.matmul(fold, probs), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_blocks, out_full, rtol=1e-5, atol=1e-6)
+
+
+def test_a_folded_long_chunk_scores_as_the_unfolded_one():
+    """The layer's fold of a long chunk from :func:`attend`'s folded sum equals its fold of the full probabilities."""
+    torch.manual_seed(3)
+    params = PyramidParams(keep=0.5, window=8, sink=2, slack=None, pool=1, head_reduce="mean")
+    q_len, old = FOLD_LOOP_MAX + 36, 40
+    total = old + q_len
+    keys = torch.randn(2, 2, total, 4)
+    probs = torch.rand(2, 1, q_len, total)
+    allowed = torch.ones(2, 1, q_len, total, dtype=torch.bool)
+    allowed[1, 0, :, -1] = False
+    results = []
+    for folded in (False, True):
+        layer = params.make_layer()
+        layer.storage.append(keys, keys.clone(), 0)
+        layer.storage.scores = torch.rand(2, 1, total, generator=torch.Generator().manual_seed(4))
+        weights = layer._fold_weights(q_len)
+        new_real = allowed[:, :, torch.arange(q_len), old + torch.arange(q_len)]
+        layer._fold_scores(torch.matmul(weights, probs) if folded else probs, new_real, folded)
+        results.append(layer.storage.scores)
+    assert layer._fold_weights(FOLD_LOOP_MAX) is None  # short chunks keep the query-by-query loop
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
 
 
 def test_take_rows_is_gather():

@@ -170,8 +170,13 @@ def _held_mask(positions: torch.Tensor, valid: torch.Tensor, n_kv: int, total: i
     return count[..., :total] > 0
 
 
-def _reference(call: dict, keys: torch.Tensor, values: torch.Tensor, masked: bool = True) -> torch.Tensor:
+def _reference(call: dict, keys: torch.Tensor, values: torch.Tensor, masked: bool = True,
+               real_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Stock SDPA over the full K/V with transformers' mask AND (if ``masked``) what the layer holds.
+
+    A mask narrowed to the forward's own columns (``CompressingLayer.short_mask``) is completed with ``real_keys``
+    (bool ``[B, total]``, the batch's 2D attention mask) over the older positions: a left-padded row's queries of a
+    later forward may attend to every earlier real token.
 
     Returns ``[B, Q, H_q, d]``, the layout of transformers' attention functions.
     """
@@ -184,7 +189,12 @@ def _reference(call: dict, keys: torch.Tensor, values: torch.Tensor, masked: boo
         q_pos = torch.arange(total - q_len, total)
         allowed = (torch.arange(total)[None, :] <= q_pos[:, None]).expand(bsz, 1, q_len, total)
     else:
-        assert mask.dtype == torch.bool and mask.shape[-1] == total, (mask.dtype, mask.shape, total)
+        assert mask.dtype == torch.bool, mask.dtype
+        if mask.shape[-1] < total:
+            assert real_keys is not None and mask.shape[-1] == q_len, (mask.shape, q_len, total)
+            older = real_keys[:, None, None, : total - q_len].expand(bsz, 1, q_len, total - q_len)
+            mask = torch.cat([older, mask.expand(bsz, 1, q_len, q_len)], dim=-1)
+        assert mask.shape[-1] == total, (mask.shape, total)
         allowed = mask.expand(bsz, 1, q_len, total)
     allowed = allowed.expand(bsz, n_q, q_len, total)
     if masked:
@@ -217,7 +227,7 @@ def _check_calls(recorder: Recorder, full_mask_2d: torch.Tensor, n_layers: int) 
             keys, values = recorder.full_kv(call)
             total = keys.shape[2]
             real_q = _real_queries(call, full_mask_2d, total)
-            expected = _reference(call, keys, values)
+            expected = _reference(call, keys, values, real_keys=full_mask_2d[:, :total].bool())
             got = call["out"]
             assert got.shape == expected.shape
             diff = (got - expected).abs()[real_q]
@@ -228,7 +238,7 @@ def _check_calls(recorder: Recorder, full_mask_2d: torch.Tensor, n_layers: int) 
             if step == 0:  # the first chunk is attended exactly: the layer holds every token of it
                 assert bool(holds.all()), f"layer {layer}: prefill does not hold every position"
             else:
-                unmasked = _reference(call, keys, values, masked=False)
+                unmasked = _reference(call, keys, values, masked=False, real_keys=real_keys[:, :total])
                 masked_effect = max(masked_effect, float((unmasked - expected).abs()[real_q].max()))
                 # held only real tokens, and the new token itself
                 assert not bool((holds & ~real_keys[:, None, :]).any()), f"layer {layer} step {step}: holds padding"
@@ -348,7 +358,8 @@ def test_a_chunk_after_compaction_attends_exactly(monkeypatch):
         for step, call in enumerate(calls):
             keys, values = recorder.full_kv(call)
             real_q = _real_queries(call, full_mask_2d, keys.shape[2])
-            diff = (call["out"] - _reference(call, keys, values)).abs()[real_q]
+            real_keys = full_mask_2d[:, : keys.shape[2]].bool()
+            diff = (call["out"] - _reference(call, keys, values, real_keys=real_keys)).abs()[real_q]
             assert float(diff.max()) <= ATOL, f"layer {layer} step {step}: {float(diff.max()):.3g}"
             if step > 0:
                 holds = _held_mask(call["positions"], call["valid"], keys.shape[1], keys.shape[2])
@@ -452,5 +463,6 @@ def test_a_chunk_after_ragged_compaction_attends_exactly(monkeypatch):
         for step, call in enumerate(recorder.steps(layer)):
             keys, values = recorder.full_kv(call)
             real_q = _real_queries(call, full_mask_2d, keys.shape[2])
-            diff = (call["out"] - _reference(call, keys, values)).abs()[real_q]
+            real_keys = full_mask_2d[:, : keys.shape[2]].bool()
+            diff = (call["out"] - _reference(call, keys, values, real_keys=real_keys)).abs()[real_q]
             assert float(diff.max()) <= ATOL, f"layer {layer} step {step}: {float(diff.max()):.3g}"
