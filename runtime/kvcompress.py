@@ -39,6 +39,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .kcache import ValueStore, check_estimator, estimate, top_slots
 from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
+from . import pyramidinfer
 from .pyramidinfer import query_block
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
@@ -121,11 +122,15 @@ def kvc_scores(
 
     Returns:
         float32 ``[B, H_kv, T]``: ``sum over the group's query heads of maxpool(sum over real window queries of
-        p**2)``; padding keys get 0. Rows are independent (a padded row scores as it does alone).
+        p**2)``; padding keys get 0. Rows are independent (a padded row scores as it does alone); rows whose logits
+        together exceed ``runtime.pyramidinfer.QUERY_BLOCK_BYTES`` are scored one at a time.
     """
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv, total = keys.shape[1], keys.shape[2]
     w = min(window, q_len)
+    if bsz > 1 and 4 * bsz * n_q_heads * w * total > pyramidinfer.QUERY_BLOCK_BYTES:  # one row at a time
+        return torch.cat([kvc_scores(query[i : i + 1], keys[i : i + 1], key_valid[i : i + 1], scaling, window, pool,
+                                     metric) for i in range(bsz)])
     groups = n_q_heads // n_kv
     q = query[:, :, -w:, :].float().reshape(bsz, n_kv, groups * w, dim)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, H_kv, G*w, T]

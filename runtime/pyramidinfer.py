@@ -102,11 +102,16 @@ def window_scores(
     Returns:
         float32 ``[B, H_s, T]`` (``H_s`` = ``H_kv`` with ``per_kv_head``, else 1): over the real window queries, the
         mean of their attention probabilities reduced over query heads (causal within the window; padding gets 0).
+        Rows whose logits together exceed :data:`QUERY_BLOCK_BYTES` are scored one at a time (a batch prefill then
+        holds one row's window logits, not the batch's).
     """
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv = keys.shape[1]
     total = keys.shape[2]
     w = min(window, q_len)
+    if bsz > 1 and 4 * bsz * n_q_heads * w * total > QUERY_BLOCK_BYTES:  # rows are independent: one at a time
+        return torch.cat([window_scores(query[i : i + 1], keys[i : i + 1], key_valid[i : i + 1], scaling, window, pool,
+                                        head_reduce, per_kv_head) for i in range(bsz)])
     groups = n_q_heads // n_kv
     q = query[:, :, -w:, :].float().reshape(bsz, n_kv, groups * w, dim)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scaling  # [B, H_kv, G*w, T]

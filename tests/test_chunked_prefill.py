@@ -517,3 +517,25 @@ def test_the_mask_of_a_later_forward_covers_its_own_tokens_when_every_layer_allo
         # transformers >= 5.3 passes the query length, older versions the cache positions
         sizes = cache.layers[0].get_mask_sizes(12 if "query_length" in params else torch.arange(40, 52))
     assert sizes == ((12, 40) if narrow else (52, 0))
+
+
+def test_window_scores_of_a_large_batch_are_computed_row_by_row_with_the_same_result(monkeypatch):
+    """PyramidInfer's and KV-Compress's prefill scores hold one row's window logits at a time once the batch's would
+    exceed ``QUERY_BLOCK_BYTES``: bit-identical to the batched computation (rows are independent)."""
+    import runtime.kvcompress as kvcompress
+    import runtime.pyramidinfer as pyramidinfer
+
+    torch.manual_seed(0)
+    query, keys = torch.randn(4, 6, 50, 16), torch.randn(4, 2, 70, 16)
+    valid = torch.rand(4, 70) > 0.2
+    batched = [pyramidinfer.window_scores(query, keys, valid, 0.25, 8, 3, "max", True),
+               kvcompress.kvc_scores(query, keys, valid, 0.25, 8, 3)]
+    calls = []
+    original = torch.matmul
+    monkeypatch.setattr(pyramidinfer, "QUERY_BLOCK_BYTES", 16)
+    monkeypatch.setattr(torch, "matmul", lambda a, b, _m=original: calls.append(a.shape[0]) or _m(a, b))
+    rows = [pyramidinfer.window_scores(query, keys, valid, 0.25, 8, 3, "max", True),
+            kvcompress.kvc_scores(query, keys, valid, 0.25, 8, 3)]
+    assert calls and set(calls) == {1}  # every logits product over one row
+    for got, expected in zip(rows, batched):
+        assert torch.equal(got, expected)
