@@ -48,14 +48,20 @@ def resolve_chunk_size(value, plan) -> int | None:
     """The chunk size a plan is applied with: ``"auto"`` is :data:`DEFAULT_PREFILL_CHUNK_SIZE` for a plan that
     changes the cache and off for one with every method off (it stays stock generation, bit for bit); ``None`` or
     ``0`` is off; a positive int is that size. Raises ``ValueError`` for anything else."""
+    return _resolve_size("prefill_chunk_size", value, plan, DEFAULT_PREFILL_CHUNK_SIZE)
+
+
+def _resolve_size(name: str, value, plan, default: int) -> int | None:
+    """``"auto"`` -> ``default`` (None for a plan with every method off), ``None``/``0`` -> None, a positive int ->
+    itself; ``ValueError`` naming ``name`` otherwise."""
     if isinstance(value, str):
         if value != AUTO:
-            raise ValueError(f"prefill_chunk_size must be a positive int, 0/None (off) or 'auto', not {value!r}")
-        return None if plan.is_noop else DEFAULT_PREFILL_CHUNK_SIZE
+            raise ValueError(f"{name} must be a positive int, 0/None (off) or 'auto', not {value!r}")
+        return None if plan.is_noop else default
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"prefill_chunk_size must be a positive int, 0/None (off) or 'auto', not {value!r}")
+        raise ValueError(f"{name} must be a positive int, 0/None (off) or 'auto', not {value!r}")
     return value or None
 
 
@@ -166,15 +172,7 @@ def resolve_block_tokens(value, plan) -> int | None:
     """The MLP block size a plan is applied with: ``"auto"`` is :data:`DEFAULT_MLP_BLOCK_TOKENS` for a plan that
     changes the cache, off for one with every method off; ``None`` or ``0`` is off; a positive int is that size.
     Raises ``ValueError`` for anything else."""
-    if isinstance(value, str):
-        if value != AUTO:
-            raise ValueError(f"mlp_block_tokens must be a positive int, 0/None (off) or 'auto', not {value!r}")
-        return None if plan.is_noop else DEFAULT_MLP_BLOCK_TOKENS
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"mlp_block_tokens must be a positive int, 0/None (off) or 'auto', not {value!r}")
-    return value or None
+    return _resolve_size("mlp_block_tokens", value, plan, DEFAULT_MLP_BLOCK_TOKENS)
 
 
 _MISSING = object()
