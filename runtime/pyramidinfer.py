@@ -149,6 +149,14 @@ def reduce_heads(probs: torch.Tensor, how: str, per_kv_head: bool = False) -> to
 #: prefill) in one closed-form weighted sum (the same average up to float rounding).
 FOLD_LOOP_MAX = 64
 
+def fold_weights(q_len: int, window: int, device=None) -> torch.Tensor:
+    """float32 ``[Q]``: the weight ``(1 - gamma) gamma^(Q - 1 - i)`` of query ``i`` of a chunk in the moving average
+    of its attention (``gamma = 1 - 1 / window``), computed in float64."""
+    gamma = 1.0 - 1.0 / max(window, 1)
+    ages = torch.arange(q_len - 1, -1, -1, dtype=torch.float64, device=device)
+    return ((1.0 - gamma) * torch.pow(gamma, ages)).float()
+
+
 #: Bytes of float32 logits one block of queries of a multi-token chunk may take in :func:`attend` (and
 #: ``runtime.kvcompress.ragged_attend``): a long chunk (chunked prefill) is attended block by block, so its transient
 #: memory does not grow with chunk length × what the layer holds. Each query's output is computed the same way.
@@ -179,10 +187,6 @@ class ChunkMask:
     def shape(self) -> tuple[int, int, int, int]:
         bsz, heads, held = self.old.shape
         return bsz, heads, self.q_len, held + self.q_len
-
-    @property
-    def device(self) -> torch.device:
-        return self.old.device
 
     def rows(self, start: int, end: int) -> torch.Tensor:
         """bool ``[B, H_s, end - start, T]``: the mask of queries ``start..end-1``."""
@@ -250,19 +254,6 @@ def attend(
     return out, torch.cat(probs, dim=2) if fold is None else folded
 
 
-def _probabilities(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-    """float32 softmax probabilities ``[B, H_kv, G, Q, T]`` of ``query [B, H_q, Q, d]`` (head ``k * G + g`` in KV
-    head ``k``'s group) over ``keys [B, H_kv, T, d]`` under ``allowed`` bool ``[B, H_s, Q, T]``; 0 for a query with
-    nothing to attend to."""
-    bsz, n_q_heads, q_len, dim = query.shape
-    n_kv, total = keys.shape[1], keys.shape[2]
-    groups = n_q_heads // n_kv
-    q = query.reshape(bsz, n_kv, groups * q_len, dim)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
-    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill_(~allowed[:, :, None], NEG_INF)
-    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-
-
 def _attend(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -292,7 +283,10 @@ def _attend(
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv, total = keys.shape[1], keys.shape[2]
     groups = n_q_heads // n_kv
-    probs = _probabilities(query, keys, allowed, scaling)
+    q = query.reshape(bsz, n_kv, groups * q_len, dim)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
+    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill_(~allowed[:, :, None], NEG_INF)
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     flat = probs.view(bsz, n_kv, groups * q_len, total)
     if isinstance(values, ValueStore):
         count = allowed[:, :, -1].sum(dim=-1) if estimator == "residual_mean" else None  # [B, H_s] real tokens
@@ -822,9 +816,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         probabilities are kept per query and folded after the last vote."""
         if q_len <= FOLD_LOOP_MAX or (self.readers > 0 and self.params.head_reduce != "mean"):
             return None
-        gamma = 1.0 - 1.0 / max(self.params.window, 1)
-        ages = torch.arange(q_len - 1, -1, -1, dtype=torch.float64, device=self.storage.scores.device)
-        return ((1.0 - gamma) * torch.pow(gamma, ages)).float()
+        return fold_weights(q_len, self.params.window, self.storage.scores.device)
 
     def _fold_scores(self, probs: torch.Tensor, new_real: torch.Tensor, folded: bool = False) -> None:
         """Exponential moving average of the attention each held token receives (about ``window`` steps).
@@ -842,8 +834,7 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
                 scores = gamma * scores + (1.0 - gamma) * probs[:, :, i]
         else:  # the same average in closed form: gamma^Q * scores + sum_i (1 - gamma) gamma^(Q - 1 - i) probs_i
             if not folded:
-                ages = torch.arange(q_len - 1, -1, -1, dtype=torch.float64, device=probs.device)
-                probs = torch.matmul(((1.0 - gamma) * torch.pow(gamma, ages)).to(probs.dtype), probs)
+                probs = torch.matmul(fold_weights(q_len, self.params.window, probs.device), probs)
             decay = max(gamma ** q_len, torch.finfo(torch.float32).tiny)  # never 0: -inf and +inf scores stay so
             scores = scores * decay + probs
         self.storage.scores = scores
