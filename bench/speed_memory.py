@@ -679,16 +679,19 @@ class FitSearch:
     reached_max: bool = False
 
 
-def fit_search(fits: Callable[[int], bool], step: int, maximum: int) -> FitSearch:
+def fit_search(fits: Callable[[int], bool], step: int, maximum: int, start: int | None = None) -> FitSearch:
     """Largest multiple of ``step`` in ``[step, maximum]`` for which ``fits(length)`` is True.
 
-    Assumes ``fits`` is monotonic (whatever fits, every shorter length fits too). Exponential growth from ``step``
-    (step, 2 step, 4 step, ... capped at the largest multiple of ``step`` <= ``maximum``) until a length does not
-    fit, then bisection between the last length that fit and the first that did not. Each length is probed at most
-    once; ``ValueError`` if ``step < 1`` or ``maximum < step``.
+    Assumes ``fits`` is monotonic (whatever fits, every shorter length fits too). Exponential growth from ``start``
+    (default ``step``; rounded down to a multiple of ``step``: start, 2 start, 4 start, ... capped at the largest
+    multiple of ``step`` <= ``maximum``) until a length does not fit, then bisection between the last length that fit
+    (0 if ``start`` did not) and the first that did not. Each length is probed at most once; ``ValueError`` if
+    ``step < 1``, ``maximum < step`` or ``start`` is not in ``[step, maximum]``.
     """
     if step < 1 or maximum < step:
         raise ValueError(f"fit_search needs 1 <= step <= maximum (got step {step}, maximum {maximum})")
+    if start is not None and not step <= start <= maximum:
+        raise ValueError(f"fit_search needs step <= start <= maximum (got start {start}, step {step}, maximum {maximum})")
     top = maximum // step
     probes: list[tuple[int, bool]] = []
 
@@ -698,7 +701,7 @@ def fit_search(fits: Callable[[int], bool], step: int, maximum: int) -> FitSearc
         return ok
 
     good, bad = 0, None
-    units = 1
+    units = 1 if start is None else start // step
     while True:
         if not check(units):
             bad = units
@@ -781,7 +784,7 @@ def fit_config(ctx, args, label: str, kind: str, plan_path: str | None, tokens: 
         return reply["fits"]
 
     try:
-        search = fit_search(fits, args.fit_step, args.fit_max)
+        search = fit_search(fits, args.fit_step, args.fit_max, args.fit_start)
     finally:
         state["worker"].close()
     at_largest = next((d for d in detail if d["fits"] and d["length"] == search.largest), None)
@@ -1198,6 +1201,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="longest prompt the memory-cap search tries (default: %(default)s)")
     p.add_argument("--fit-step", type=int, default=256,
                    help="the memory-cap search probes multiples of this many tokens (default: %(default)s)")
+    p.add_argument("--fit-start", type=int, default=None,
+                   help="first length the memory-cap search probes (default: --fit-step); it grows by doubling from "
+                        "there, or bisects below it if it does not fit. Saves the slow short probes when the "
+                        "region of interest is known")
     p.add_argument("--fit-decode-steps", type=int, default=4,
                    help="decode steps after each probe's prefill (default: %(default)s)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of .txt files (default: %(default)s)")
@@ -1219,6 +1226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--fit-cap must be >= 1 (MiB)")
     if args.fit_max < args.fit_step:
         p.error(f"--fit-max ({args.fit_max}) must be >= --fit-step ({args.fit_step})")
+    if args.fit_start is not None and not args.fit_step <= args.fit_start <= args.fit_max:
+        p.error(f"--fit-start must be between --fit-step ({args.fit_step}) and --fit-max ({args.fit_max})")
     for b in args.batch or []:
         if b < 1:
             p.error(f"--batch values must be >= 1 (got {b})")

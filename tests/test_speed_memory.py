@@ -118,8 +118,10 @@ def test_beyond_max_positions():
 
 
 # ----- the memory-cap search -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("step,maximum", [(256, 32768), (256, 2048), (100, 1050), (1, 37), (7, 7)])
-def test_fit_search_finds_the_threshold(step, maximum):
+@pytest.mark.parametrize("step,maximum,start", [(256, 32768, None), (256, 2048, None), (100, 1050, None),
+                                                (1, 37, None), (7, 7, None), (256, 32768, 22528), (256, 32768, 300),
+                                                (100, 1050, 1050), (1, 37, 5)])
+def test_fit_search_finds_the_threshold(step, maximum, start):
     for threshold in [0, step - 1, step, step + 1, maximum // 3, maximum - 1, maximum, maximum * 4]:
         seen: list[int] = []
 
@@ -127,7 +129,9 @@ def test_fit_search_finds_the_threshold(step, maximum):
             seen.append(n)
             return n <= threshold
 
-        result = sm.fit_search(fits, step, maximum)
+        result = sm.fit_search(fits, step, maximum, start)
+        if start is not None:
+            assert seen[0] == start // step * step
         expected = min(threshold, maximum) // step * step
         assert result.largest == expected, (step, maximum, threshold)
         assert result.reached_max == (expected == maximum // step * step)
@@ -146,6 +150,14 @@ def test_fit_search_order_and_errors():
         sm.fit_search(lambda n: True, 256, 100)
     with pytest.raises(ValueError):
         sm.fit_search(lambda n: True, 0, 100)
+    started = sm.fit_search(lambda n: n <= 22528, 256, 32768, start=16384)
+    assert [n for n, _ in started.probes] == [16384, 32768, 24576, 20480, 22528, 23552, 23040, 22784]
+    assert started.largest == 22528
+    below = sm.fit_search(lambda n: n <= 5376, 256, 22528, start=22528)
+    assert below.probes[0] == (22528, False) and below.largest == 5376
+    for bad_start in (100, 40000):
+        with pytest.raises(ValueError):
+            sm.fit_search(lambda n: True, 256, 32768, start=bad_start)
 
 
 def test_is_out_of_memory():
@@ -184,7 +196,7 @@ def test_fit_worker_on_a_tiny_model(tiny_dir):
     """Stock on the tiny model under an 8 MiB cap: long prompts fail to allocate, the worker survives the failures
     (shorter prompts fit again afterwards) and the answer sits between a fitting and a failing length."""
     args = argparse.Namespace(model=str(tiny_dir), threads=1, seed=0, prefill_chunk_size="auto", fit_cap=8,
-                              fit_batch=1, fit_max=4096, fit_step=128, fit_decode_steps=1)
+                              fit_batch=1, fit_max=4096, fit_step=128, fit_start=None, fit_decode_steps=1)
     tokens = torch.randint(3, 300, (5000,), generator=torch.Generator().manual_seed(0))
     with sm.worker_malloc_env("trim"):
         row = sm.fit_config(mp.get_context("spawn"), args, "stock", "stock", None, tokens, max_positions=1024)
