@@ -411,6 +411,21 @@ def _ragged_attend(
     return result, votes_b.float(), votes_t.float()
 
 
+def _put_tail_rows(values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, n_body: int, most: int) -> None:
+    """Write the tail's value rows into the selected rows that come from the tail (in place).
+
+    ``values`` ``[S, k, d]`` holds the rows fetched for ``ids`` ``[S, k]`` (``>= n_body``: row ``ids - n_body`` of
+    ``tail`` ``[S * n, d]``; those were fetched clamped, i.e. wrong). A segment selects at most ``most`` tail slots
+    (its ``n`` tail candidates), so they are among the ``most`` largest of the ``from tail`` flags: only those ``most``
+    columns are read and written — the same values as a ``where`` over all ``k`` rows, without two passes over
+    ``[S, k, d]`` and without a host synchronisation."""
+    from_tail = ids >= n_body
+    cols = from_tail.to(torch.uint8).topk(most, dim=1, sorted=False).indices  # [S, most]
+    rows = tail.index_select(0, (ids.gather(1, cols) - n_body).clamp(min=0).view(-1)).view(*cols.shape, -1)
+    where = cols[..., None].expand(rows.shape)
+    values.scatter_(1, where, torch.where(from_tail.gather(1, cols)[..., None], rows, values.gather(1, where)))
+
+
 def _topn_readout(
     exp_b: torch.Tensor, exp_t: torch.Tensor, inv: torch.Tensor, body: RaggedStorage, tail_values: torch.Tensor,
     tail_allowed: torch.Tensor | None, topn: int, work: torch.dtype, estimator: str = "residual_mean",
@@ -446,13 +461,12 @@ def _topn_readout(
     weights = exp_rows[ids]  # [S, k, GQ]
     tail = tail_values.to(work).reshape(segs, n_tail, -1)
     dim = tail.shape[-1]
-    if n_body:  # the only value rows read from the store
+    if not n_body:
+        values = tail.reshape(segs * n_tail, dim).index_select(0, ids.view(-1)).view(segs, topn, dim)
+    else:  # the only value rows read from the store
         values = body.store.fetch(body.values, ids.clamp(max=n_body - 1)).to(work)  # [S, k, d]
-    else:
-        values = tail.new_zeros(segs, topn, dim)
-    if n_tail:
-        tail_rows = tail.reshape(segs * n_tail, dim).index_select(0, (ids - n_body).clamp(min=0).view(-1))
-        values = torch.where((ids < n_body)[..., None], values, tail_rows.view(segs, topn, dim))
+        if n_tail:
+            _put_tail_rows(values, ids, tail.reshape(segs * n_tail, dim), n_body, min(n_tail, topn))
     weights = weights * real[..., None]
     body.store.count(segs * topn, n_blocks * blk + segs * n_tail)
     weights = weights.transpose(1, 2) * inv[:, :, None]  # [S, GQ, k]: exact probabilities of the selected slots

@@ -162,3 +162,29 @@ def test_take_rows_is_gather():
         idx = torch.sort(torch.randint(0, 15, (3, heads, 7)), dim=-1).values
         expected = buffer[:, :, :15].gather(2, idx[..., None].expand(3, 4, 7, 8))
         assert torch.equal(take_rows(buffer, idx), expected)
+
+
+@pytest.mark.parametrize("n_tail,topn", [(3, 7), (8, 5), (1, 1), (5, 20)])
+def test_tail_rows_of_a_topn_readout_are_those_of_a_where_over_every_row(n_tail, topn):
+    """KCache over ragged storage writes the tail's rows into the selected rows that come from the tail, reading only
+    ``min(n_tail, topn)`` columns: the same tensor as the ``where`` over all ``topn`` rows it replaces."""
+    from runtime.kvcompress import _put_tail_rows
+
+    g = torch.Generator().manual_seed(n_tail * 31 + topn)
+    segs, n_body, dim = 6, 40, 4
+    tail = torch.randn(segs * n_tail, dim, generator=g)
+    for _ in range(5):
+        # per segment: topn distinct candidates among its body rows and its own tail slots (some segments none)
+        ids = []
+        for s in range(segs):
+            pool = torch.cat([torch.arange(n_body), n_body + s * n_tail + torch.arange(n_tail)])
+            if s % 3 == 0:
+                pool = torch.arange(n_body)  # this segment selects no tail slot
+            ids.append(pool[torch.randperm(pool.numel(), generator=g)[:topn]])
+        ids = torch.stack(ids)
+        fetched = torch.randn(segs, topn, dim, generator=g)  # what the clamped fetch returned
+        rows = tail.index_select(0, (ids - n_body).clamp(min=0).view(-1)).view(segs, topn, dim)
+        expected = torch.where((ids < n_body)[..., None], fetched, rows)
+        got = fetched.clone()
+        _put_tail_rows(got, ids, tail, n_body, min(n_tail, topn))
+        assert torch.equal(got, expected)
