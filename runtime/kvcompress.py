@@ -161,6 +161,16 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def _segment_best_first(seg: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """int64 sort key ``[n]``: ascending by ``seg`` (int64 ``[n]``, ``< 2**31``), then by ``score`` (float32 ``[n]``,
+    ``>= 0`` or ``+inf``) descending. A stable sort by it orders entries by segment, best first, ties in their
+    original order — as a stable sort by score (descending) followed by a stable sort by segment, in one sort. The
+    bits of a non-negative float32 read as an int32 are monotone in its value (``+ 0.0`` turns a ``-0.0`` into
+    ``0.0``)."""
+    bits = (score.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    return seg * (1 << 32) + (0x7F800000 - bits)
+
+
 class RaggedStorage:
     """What one layer keeps: blocks of ``block`` tokens, each owned by one (row, KV head) *segment*.
 
@@ -225,29 +235,28 @@ class RaggedStorage:
         device = keys.device
         lengths = torch.bincount(seg, minlength=segments)
         n_blocks = (lengths + blk - 1) // blk
-        first_block = _exclusive_cumsum(n_blocks)
-        slot = torch.arange(seg.numel(), device=device) - _exclusive_cumsum(lengths)[seg]
-        block_idx = first_block[seg] + torch.div(slot, blk, rounding_mode="floor")
-        offset = slot % blk
+        # each entry's slot in the blocks flattened to [N * block]: its segment's first block, then its rank in it
+        slot = torch.arange(seg.numel(), device=device) + (_exclusive_cumsum(n_blocks) * blk
+                                                           - _exclusive_cumsum(lengths))[seg]
         total_blocks = int(n_blocks.sum())
         dim = keys.shape[-1]
         self.keys = keys.new_zeros(total_blocks, blk, dim)
         self.positions = torch.zeros(total_blocks, blk, dtype=torch.int32, device=device)
         self.scores = torch.full((total_blocks, blk), NEG_INF, dtype=torch.float32, device=device)
-        self.keys[block_idx, offset] = keys
+        self.keys.view(-1, dim).index_copy_(0, slot, keys)
         if self.store is None:
             self.values = values.new_zeros(total_blocks, blk, dim)
-            self.values[block_idx, offset] = values
+            self.values.view(-1, dim).index_copy_(0, slot, values)
         else:  # KCache: the blocks' values are written straight into the store
             home = self.store.device
             self.values = self.store.put(self.store.zeros((total_blocks, blk, dim), values.dtype))
-            self.values[block_idx.to(home), offset.to(home)] = values.to(home)
+            self.values.view(-1, dim).index_copy_(0, slot.to(home), values.to(home))
             sums = torch.zeros(segments, dim, dtype=torch.float32, device=values.device)
             self.store.sums = sums.index_add_(0, seg.to(values.device), values.float()).to(device)  # [S, d]
         self._table = None
         self._derived = {}
-        self.positions[block_idx, offset] = positions.to(torch.int32)
-        self.scores[block_idx, offset] = scores.float()
+        self.positions.view(-1).index_copy_(0, slot, positions.to(torch.int32))
+        self.scores.view(-1).index_copy_(0, slot, scores.float())
         self.block_seg = torch.repeat_interleave(torch.arange(segments, device=device), n_blocks)
         self.lengths = lengths
 
@@ -652,8 +661,16 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         n_tail = self.n_tail
         t_seg = torch.div(t_src, max(n_tail, 1), rounding_mode="floor")
         t_pos = self.tail_start + t_src % max(n_tail, 1)
+        # body slots of a segment (in position order), then its tail: both lists are already grouped by segment in
+        # ascending order, so each entry's place follows from the counts (a stable counting sort by segment)
+        segs = bsz * n_kv
+        n_b, n_t = torch.bincount(b_seg, minlength=segs), torch.bincount(t_seg, minlength=segs)
+        start = _exclusive_cumsum(n_b + n_t)
+        place = torch.cat([torch.arange(b_seg.numel(), device=b_seg.device) + (start - _exclusive_cumsum(n_b))[b_seg],
+                           torch.arange(t_seg.numel(), device=t_seg.device)
+                           + (start + n_b - _exclusive_cumsum(n_t))[t_seg]])
+        order = torch.empty_like(place).scatter_(0, place, torch.arange(place.numel(), device=place.device))
         seg = torch.cat([b_seg, t_seg])
-        order = torch.argsort(seg, stable=True)  # body slots of a segment (in position order), then its tail
         src = torch.cat([b_src, t_src + body_scores.numel()])[order]
         pos = torch.cat([self.body.positions.reshape(-1)[b_src].long(), t_pos])[order]
         score = torch.cat([body_scores[b_src], t_scores[t_src]])[order]
@@ -664,11 +681,12 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         dim = body.shape[-1]
         flat_body = body.reshape(-1, dim)
         n_body = flat_body.shape[0]
-        out = body.new_empty(src.numel(), dim)  # on the body's device (the KCache store for values)
         src = src.to(body.device)
-        from_body = src < n_body
-        out[from_body] = flat_body[src[from_body]]
-        out[~from_body] = tail.reshape(-1, dim).to(body.device)[src[~from_body] - n_body]
+        if n_body == 0:
+            return tail.reshape(-1, dim).to(body.device).index_select(0, src)
+        out = flat_body.index_select(0, src.clamp(max=n_body - 1))  # on the body's device (the KCache store)
+        from_tail = (src >= n_body).nonzero()[:, 0]  # the few tail rows (at most slack per segment)
+        out[from_tail] = tail.reshape(-1, dim).to(body.device).index_select(0, src[from_tail] - n_body)
         return out
 
     def holds_anything(self) -> bool:
@@ -850,10 +868,10 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         lengths = torch.bincount(seg, minlength=segs)
         if bool((lengths > budget).any()):
             recent = pos >= self.seen - self.params.window
-            by_score = torch.argsort(torch.where(recent, POS_INF, score), descending=True, stable=True)
-            order = by_score[torch.argsort(seg[by_score], stable=True)]  # by segment, best first
+            order = torch.argsort(_segment_best_first(seg, torch.where(recent, POS_INF, score)), stable=True)
             rank = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(lengths)[seg[order]]
-            kept = torch.sort(order[rank < budget[seg[order]]]).values  # back to (segment, position) order
+            keep = torch.zeros(seg.numel(), dtype=torch.bool, device=seg.device)
+            kept = keep.index_fill_(0, order[rank < budget[seg[order]]], True).nonzero()[:, 0]  # (segment, position)
             seg, src, pos, score = seg[kept], src[kept], pos[kept], score[kept]
         keys = self._gather(src, self.body.keys, self.tail_keys)
         values = self._gather(src, self.body.values, self.tail_values)
