@@ -1000,11 +1000,11 @@ def render_markdown(report: dict[str, Any], args) -> str:
             for label, r in c["ratios"].items():
                 p = c["configs"][label]
                 lim = c["configs"][f"stock@{r['limit_length']}"]
-                rows.append([c["batch"], ctx_text(c), f"{r['keep_ratio']:g}", r["limit_length"],
+                rows.append([c["batch"], ctx_text(c), label, f"{r['keep_ratio']:g}", r["limit_length"],
                              f"{st['prefill_s']:.2f} / {p['prefill_s']:.2f}", f"{r['prefill_vs_stock']:.2f}",
                              f"{st['tokens_per_s']:.1f} / {p['tokens_per_s']:.1f} / {lim['tokens_per_s']:.1f}",
                              f"**{r['tokens_per_s_vs_stock']:.2f}**", f"{r['tokens_per_s_vs_limit']:.2f}"])
-        parts.append(md_table(["batch", "context", "keep", "limit len", "prefill s stock / plan", "prefill plan/stock",
+        parts.append(md_table(["batch", "context", "plan", "keep", "limit len", "prefill s stock / plan", "prefill plan/stock",
                                "decode tok/s stock / plan / limit", "decode plan/stock", "decode plan/limit"], rows))
         parts += ["", "## Memory (peak process RSS and KV bytes right after the prefill)", ""]
         rows = []
@@ -1012,13 +1012,13 @@ def render_markdown(report: dict[str, Any], args) -> str:
             st = c["configs"]["stock"]
             for label, r in c["ratios"].items():
                 p = c["configs"][label]
-                rows.append([c["batch"], ctx_text(c), f"{r['keep_ratio']:g}",
+                rows.append([c["batch"], ctx_text(c), label, f"{r['keep_ratio']:g}",
                              f"{mib(st['peak_rss'])} / {mib(p['peak_rss'])}", f"{r['peak_rss_vs_stock']:.2f}",
                              f"{mib(st['peak_above_baseline'])} / {mib(p['peak_above_baseline'])}",
                              f"{r['peak_above_baseline_vs_stock']:.2f}",
                              f"{mib(p['physical_bytes'])} / {mib(p['theoretical_bytes'])} / {mib(st['stock_bytes'])}",
                              f"{r['physical_vs_theoretical']:.3f}", f"**{r['physical_vs_stock']:.3f}**"])
-        parts.append(md_table(["batch", "context", "keep", "peak RSS MiB stock / plan", "peak plan/stock",
+        parts.append(md_table(["batch", "context", "plan", "keep", "peak RSS MiB stock / plan", "peak plan/stock",
                                "peak above baseline MiB stock / plan", "above-baseline plan/stock",
                                "KV MiB physical / theoretical / stock", "phys/theor", "phys/stock"], rows))
         methods = sorted({cfg["peak_method"] for c in cells for cfg in c["configs"].values()})
