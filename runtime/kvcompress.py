@@ -161,6 +161,12 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` for an int64 index tensor ``idx`` (any shape) over ``x``'s first dim, as one ``index_select``
+    (bit-identical; 4-7x faster than advanced indexing on CPU for the small tensors of a decode step)."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
+
+
 def _segment_best_first(seg: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """int64 sort key ``[n]``: ascending by ``seg`` (int64 ``[n]``, ``< 2**31``), then by ``score`` (float32 ``[n]``,
     ``>= 0`` or ``+inf``) descending. A stable sort by it orders entries by segment, best first, ties in their
@@ -237,7 +243,7 @@ class RaggedStorage:
         n_blocks = (lengths + blk - 1) // blk
         # each entry's slot in the blocks flattened to [N * block]: its segment's first block, then its rank in it
         slot = torch.arange(seg.numel(), device=device) + (_exclusive_cumsum(n_blocks) * blk
-                                                           - _exclusive_cumsum(lengths))[seg]
+                                                           - _exclusive_cumsum(lengths)).index_select(0, seg)
         total_blocks = int(n_blocks.sum())
         dim = keys.shape[-1]
         self.keys = keys.new_zeros(total_blocks, blk, dim)
@@ -377,7 +383,7 @@ def _ragged_attend(
     seg = body.block_seg
     # scores are >= 0 for filled slots and -inf for empty ones: clamp(max=0) is the additive mask
     bias_b = body.bias(work)  # [N, 1, blk]
-    logits_b = torch.baddbmm(bias_b, qs[seg], body.keys.to(work).transpose(1, 2), alpha=scaling)  # [N, GQ, blk]
+    logits_b = torch.baddbmm(bias_b, take(qs, seg), body.keys.to(work).transpose(1, 2), alpha=scaling)  # [N, GQ, blk]
     tail_k = tail_keys.to(work).reshape(segs, n_tail, dim)
     if tail_allowed is None:
         logits_t = torch.bmm(qs, tail_k.transpose(1, 2)).mul_(scaling)  # [S, GQ, n]
@@ -389,7 +395,7 @@ def _ragged_attend(
     block_top = logits_b.amax(dim=-1)  # [N, GQ]
     top = top.scatter_reduce(0, seg[:, None].expand_as(block_top), block_top, "amax", include_self=True)
     top = top.masked_fill_(top == NEG_INF, 0.0)  # a query that may attend to nothing (padding) outputs 0
-    exp_b = logits_b.sub_(top[seg][:, :, None]).exp_()
+    exp_b = logits_b.sub_(take(top, seg)[:, :, None]).exp_()
     exp_t = logits_t.sub_(top[:, :, None]).exp_()
     denom = exp_t.sum(dim=-1).index_add_(0, seg, exp_b.sum(dim=-1))  # [S, GQ]
     inv = 1.0 / denom.clamp_(min=torch.finfo(work).tiny)  # [S, GQ]
@@ -415,7 +421,7 @@ def _ragged_attend(
         exp_b, exp_t = exp_b.mul_(exp_b), exp_t.mul_(exp_t)
     else:
         weight = inv
-    votes_b = torch.bmm(weight[seg][:, None, :], exp_b)[:, 0]  # [N, blk]
+    votes_b = torch.bmm(take(weight, seg)[:, None, :], exp_b)[:, 0]  # [N, blk]
     votes_t = torch.bmm(weight[:, None, :], exp_t)[:, 0].view(bsz, n_kv, n_tail)
     return result, votes_b.float(), votes_t.float()
 
@@ -458,16 +464,16 @@ def _topn_readout(
     seg = body.block_seg
     safe, pad, flat = body.readout_maps()  # [S, W], [S, W * blk], [S, W * blk]
     n_body = n_blocks * blk
-    score_b = torch.bmm(inv[seg][:, None, :], exp_b)[:, 0]  # [N, blk]: summed probability of each body slot
+    score_b = torch.bmm(take(inv, seg)[:, None, :], exp_b)[:, 0]  # [N, blk]: summed probability of each body slot
     score_t = torch.bmm(inv[:, None, :], exp_t)[:, 0]  # [S, n]
-    cand = torch.cat([score_b[safe].view(segs, -1).masked_fill_(pad, -1.0), score_t], dim=1)  # -1: padding
+    cand = torch.cat([take(score_b, safe).view(segs, -1).masked_fill_(pad, -1.0), score_t], dim=1)  # -1: padding
     sel = top_slots(cand, topn)  # [S, k]
     real = cand.gather(1, sel) >= 0
     # each candidate's row among the body's flattened slots followed by the tail's ([S * n]), then the selected ones
     tail_ids = torch.arange(n_body, n_body + segs * n_tail, device=sel.device).view(segs, n_tail)
     ids = torch.cat([flat, tail_ids], dim=1).gather(1, sel)  # [S, k]
     exp_rows = torch.cat([exp_b.transpose(1, 2).reshape(n_body, gq), exp_t.transpose(1, 2).reshape(segs * n_tail, gq)])
-    weights = exp_rows[ids]  # [S, k, GQ]
+    weights = take(exp_rows, ids)  # [S, k, GQ]
     tail = tail_values.to(work).reshape(segs, n_tail, -1)
     dim = tail.shape[-1]
     if not n_body:
@@ -637,7 +643,7 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         segs = bsz * n_kv
         lengths = torch.bincount(seg, minlength=segs)
         width = int(lengths.max()) if lengths.numel() else 0
-        slot = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(lengths)[seg]
+        slot = torch.arange(seg.numel(), device=seg.device) - take(_exclusive_cumsum(lengths), seg)
         out_k = keys.new_zeros(segs, width, dim)
         out_v = values.new_zeros(segs, width, dim)
         out_p = torch.zeros(segs, width, dtype=torch.int64, device=seg.device)
@@ -655,7 +661,7 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         bsz, n_kv = self._tail_k.shape[:2]
         body_scores = self.body.scores.reshape(-1)
         b_src = (body_scores > NEG_INF).nonzero()[:, 0]
-        b_seg = self.body.block_seg.repeat_interleave(self.body.block)[b_src]
+        b_seg = take(self.body.block_seg.repeat_interleave(self.body.block), b_src)
         t_scores = self.tail_scores.reshape(-1)
         t_src = (t_scores > NEG_INF).nonzero()[:, 0]
         n_tail = self.n_tail
@@ -671,10 +677,10 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
                            + (start + n_b - _exclusive_cumsum(n_t))[t_seg]])
         order = torch.empty_like(place).scatter_(0, place, torch.arange(place.numel(), device=place.device))
         seg = torch.cat([b_seg, t_seg])
-        src = torch.cat([b_src, t_src + body_scores.numel()])[order]
-        pos = torch.cat([self.body.positions.reshape(-1)[b_src].long(), t_pos])[order]
-        score = torch.cat([body_scores[b_src], t_scores[t_src]])[order]
-        return seg[order], src, pos, score
+        src = take(torch.cat([b_src, t_src + body_scores.numel()]), order)
+        pos = take(torch.cat([take(self.body.positions.reshape(-1), b_src).long(), t_pos]), order)
+        score = take(torch.cat([take(body_scores, b_src), take(t_scores, t_src)]), order)
+        return take(seg, order), src, pos, score
 
     def _gather(self, src: torch.Tensor, body: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
         """Rows ``src`` (as :meth:`_entries` numbers them) of the body's and the tail's ``[.., d]`` tensors."""
@@ -869,10 +875,11 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         if bool((lengths > budget).any()):
             recent = pos >= self.seen - self.params.window
             order = torch.argsort(_segment_best_first(seg, torch.where(recent, POS_INF, score)), stable=True)
-            rank = torch.arange(seg.numel(), device=seg.device) - _exclusive_cumsum(lengths)[seg[order]]
+            by_seg = take(seg, order)
+            rank = torch.arange(seg.numel(), device=seg.device) - take(_exclusive_cumsum(lengths), by_seg)
             keep = torch.zeros(seg.numel(), dtype=torch.bool, device=seg.device)
-            kept = keep.index_fill_(0, order[rank < budget[seg[order]]], True).nonzero()[:, 0]  # (segment, position)
-            seg, src, pos, score = seg[kept], src[kept], pos[kept], score[kept]
+            kept = keep.index_fill_(0, order[rank < take(budget, by_seg)], True).nonzero()[:, 0]  # (segment, position)
+            seg, src, pos, score = take(seg, kept), take(src, kept), take(pos, kept), take(score, kept)
         keys = self._gather(src, self.body.keys, self.tail_keys)
         values = self._gather(src, self.body.values, self.tail_values)
         self.body.pack(seg, keys, values, pos, score, segs)
