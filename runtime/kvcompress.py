@@ -672,9 +672,10 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
         segs = bsz * n_kv
         n_b, n_t = torch.bincount(b_seg, minlength=segs), torch.bincount(t_seg, minlength=segs)
         start = _exclusive_cumsum(n_b + n_t)
-        place = torch.cat([torch.arange(b_seg.numel(), device=b_seg.device) + (start - _exclusive_cumsum(n_b))[b_seg],
+        place = torch.cat([torch.arange(b_seg.numel(), device=b_seg.device)
+                           + take(start - _exclusive_cumsum(n_b), b_seg),
                            torch.arange(t_seg.numel(), device=t_seg.device)
-                           + (start + n_b - _exclusive_cumsum(n_t))[t_seg]])
+                           + take(start + n_b - _exclusive_cumsum(n_t), t_seg)])
         order = torch.empty_like(place).scatter_(0, place, torch.arange(place.numel(), device=place.device))
         seg = torch.cat([b_seg, t_seg])
         src = take(torch.cat([b_src, t_src + body_scores.numel()]), order)
