@@ -5,8 +5,8 @@
 
 Loads the model, applies the plan (``stock``: none), resets the kernel's RSS high-water mark
 (``/proc/self/clear_refs`` <- 5) and runs one forward over ``batch x context`` random token ids with
-``logits_to_keep=1`` after a 64-token warm-up (what ``generate``'s prefill runs; with a plan, prompts longer than the chunk size are chunked
-as by default). At the entry of the chosen decoder layer the high-water mark is reset again; then, at the entry and
+``logits_to_keep=1`` after a 64-token warm-up (what ``generate``'s prefill runs; with a plan, prompts longer than the
+chunk size are chunked as by default). At the entry of the chosen decoder layer the high-water mark is reset again; then, at the entry and
 exit of its q/k/v/o projections, of the attention function and of its MLP, and at the layer's exit, it prints the RSS
 and the high-water mark since the layer's entry, both above the RSS before the forward (MiB). With chunked prefill
 the layer runs once per chunk; every run is printed. The process re-executes itself with glibc's

@@ -691,7 +691,8 @@ def fit_search(fits: Callable[[int], bool], step: int, maximum: int, start: int 
     if step < 1 or maximum < step:
         raise ValueError(f"fit_search needs 1 <= step <= maximum (got step {step}, maximum {maximum})")
     if start is not None and not step <= start <= maximum:
-        raise ValueError(f"fit_search needs step <= start <= maximum (got start {start}, step {step}, maximum {maximum})")
+        raise ValueError(f"fit_search needs step <= start <= maximum (got start {start}, step {step}, "
+                         f"maximum {maximum})")
     top = maximum // step
     probes: list[tuple[int, bool]] = []
 
@@ -1004,8 +1005,9 @@ def render_markdown(report: dict[str, Any], args) -> str:
                              f"{st['prefill_s']:.2f} / {p['prefill_s']:.2f}", f"{r['prefill_vs_stock']:.2f}",
                              f"{st['tokens_per_s']:.1f} / {p['tokens_per_s']:.1f} / {lim['tokens_per_s']:.1f}",
                              f"**{r['tokens_per_s_vs_stock']:.2f}**", f"{r['tokens_per_s_vs_limit']:.2f}"])
-        parts.append(md_table(["batch", "context", "plan", "keep", "limit len", "prefill s stock / plan", "prefill plan/stock",
-                               "decode tok/s stock / plan / limit", "decode plan/stock", "decode plan/limit"], rows))
+        parts.append(md_table(["batch", "context", "plan", "keep", "limit len", "prefill s stock / plan",
+                               "prefill plan/stock", "decode tok/s stock / plan / limit", "decode plan/stock",
+                               "decode plan/limit"], rows))
         parts += ["", "## Memory (peak process RSS and KV bytes right after the prefill)", ""]
         rows = []
         for c in cells:

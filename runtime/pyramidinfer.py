@@ -149,6 +149,7 @@ def reduce_heads(probs: torch.Tensor, how: str, per_kv_head: bool = False) -> to
 #: prefill) in one closed-form weighted sum (the same average up to float rounding).
 FOLD_LOOP_MAX = 64
 
+
 def fold_weights(q_len: int, window: int, device=None) -> torch.Tensor:
     """float32 ``[Q]``: the weight ``(1 - gamma) gamma^(Q - 1 - i)`` of query ``i`` of a chunk in the moving average
     of its attention (``gamma = 1 - 1 / window``), computed in float64."""
