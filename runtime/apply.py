@@ -21,7 +21,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from . import attention
-from .chunking import AUTO, BlockwiseMLP, ChunkedPrefill, position_wise_mlps, resolve_block_tokens, resolve_chunk_size
+from .chunking import (
+    AUTO, BlockwiseMLP, ChunkedPrefill, RowGroupPrefill, position_wise_mlps, resolve_block_tokens, resolve_chunk_size,
+)
 from .cache import cache_argument, install_plan_layers, layer_plans
 from .kvsharer import restore_projections, skip_projections
 from .layers import PlanLayer
@@ -36,8 +38,10 @@ class AppliedPlan:
 
     ``prefill_chunk_size``: a forward over more new tokens than this is prefilled in chunks of this many tokens
     (``runtime/chunking.py``); None feeds every forward in one piece. ``mlp_block_tokens``: the decoder layers'
-    MLPs compute at most this many tokens at once (``runtime.chunking.BlockwiseMLP``); None: all at once. Both may
-    be changed while the plan is applied.
+    MLPs compute at most this many tokens at once (``runtime.chunking.BlockwiseMLP``); None: all at once.
+    ``prefill_row_groups``: a batched prefill of more than ``prefill_chunk_size`` tokens per forward runs in groups of
+    rows, joined afterwards (``runtime.chunking.RowGroupPrefill``; needs ``prefill_chunk_size``). All three may be
+    changed while the plan is applied.
     """
 
     model: torch.nn.Module
@@ -45,6 +49,7 @@ class AppliedPlan:
     previous_attn_implementation: str | None
     prefill_chunk_size: int | None = None
     mlp_block_tokens: int | None = None
+    prefill_row_groups: bool = True
     _handles: list = field(default_factory=list, repr=False)
     _swapped: list = field(default_factory=list, repr=False)
     active: bool = True
@@ -197,6 +202,9 @@ def apply_plan(
     if decoder is not model:  # a model whose decoder is itself (no LM head) is not chunked
         chunker = ChunkedPrefill(applied, model.config, cache_argument(model))
         applied._handles.append(model.register_forward_pre_hook(chunker, with_kwargs=True, prepend=True))
+        if not plan.is_noop:  # batched prefills in groups of rows (RowGroupPrefill); stock for an all-off plan
+            chunker.rows = RowGroupPrefill.attach(applied, model, cache_argument(model))
+            applied._handles.append(chunker.rows)
     if not plan.is_noop:  # a plan with every method off stays stock generation, bit for bit
         applied._handles.extend(BlockwiseMLP.attach(applied, mlp) for mlp in position_wise_mlps(decoder.layers))
     return applied

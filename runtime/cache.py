@@ -12,13 +12,13 @@ import inspect
 from collections import defaultdict
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from . import registry
 from .errors import PlanError
 from .kcache import OffloadedLayer
 from .kvsharer import SharedLayer
-from .layers import CompressingLayer, FullLayer, LayerPlan, PlanLayer, layer_bytes
+from .layers import CompressingLayer, FullLayer, LayerPlan, PlanLayer, join_dense_rows, layer_bytes
 from .plan import Plan
 from .pyramidinfer import BudgetedLayer, theoretical_kept  # noqa: F401  (BudgetedLayer: re-exported)
 
@@ -95,6 +95,41 @@ def install_plan_layers(cache: Cache, specs: list[LayerPlan]) -> bool:
         if isinstance(layer, CompressingLayer):
             layer.short_mask = short
     return True
+
+
+#: transformers' own layer classes (exact types) whose rows :func:`join_cache_rows` joins: K/V rectangles only.
+_STOCK_JOINABLE = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def can_join_rows(cache) -> bool:
+    """Whether a prefill into ``cache`` may run in groups of rows joined afterwards (:func:`join_cache_rows`): a
+    transformers ``DynamicCache`` (not offloading) that holds nothing yet, whose layers are plan layers or stock
+    layers of the classes :data:`_STOCK_JOINABLE`."""
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+        return False
+    for layer in cache.layers:
+        if isinstance(layer, PlanLayer):
+            if layer.holds_anything():
+                return False
+        elif type(layer) not in _STOCK_JOINABLE or _held(layer) > 0:
+            return False
+    return True
+
+
+def join_cache_rows(cache: Cache, parts: list[Cache]) -> None:
+    """Make ``cache`` hold the batch rows of ``parts`` one after the other: the caches of one prefill run in groups
+    of rows (same plan, same token columns; ``runtime.chunking.RowGroupPrefill``). Layer by layer, each part's
+    layer is released once joined, so the join's transient is one layer. ``parts`` must not be used afterwards."""
+    base = parts[0]
+    for idx, layer in enumerate(base.layers):
+        others = [part.layers[idx] for part in parts[1:]]
+        if isinstance(layer, PlanLayer):
+            layer.join_rows(others)
+        else:
+            join_dense_rows(layer, others)
+        for part in parts[1:]:
+            part.layers[idx] = None
+    cache.layers[:] = base.layers
 
 
 def _held(layer) -> int:

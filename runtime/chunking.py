@@ -17,6 +17,13 @@ patched. A forward is fed in one piece when chunking could change what it return
 last chunk (``logits_to_keep=0``, the default of a plain forward), for hidden states or attentions, passes labels,
 a 4D mask or positional arguments after ``input_ids``, or runs without a cache.
 
+A batch is bounded the same way: a first forward whose rows x ``min(length, prefill_chunk_size)`` tokens exceed
+``prefill_chunk_size`` runs in groups of rows, each into its own fresh cache and chunked as above, and the groups'
+caches are joined row-wise afterwards (:class:`RowGroupPrefill`; every plan layer's ``join_rows``). One forward then
+computes at most ``prefill_chunk_size`` tokens whatever the batch (8 x 4,096 tokens: 8 forwards of one row), and the
+joined cache holds what one forward over every row would have left. ``AppliedPlan.prefill_row_groups = False`` turns
+it off.
+
 transformers' own ``generate(..., prefill_chunk_size=N)`` works too (every plan layer accepts multi-token chunks
 after it compressed); it cuts chunks from the *start* of the prompt, so rows of a left-padded batch are cut at other
 places than in their solo runs (each row is still an exact chunked run, with its first chunk shortened by its
@@ -25,8 +32,14 @@ padding). The runtime's own chunking, on by default, does not have that differen
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache
+
+from .cache import can_join_rows, join_cache_rows
 
 #: Prompt tokens per chunk by default (``apply_plan(..., prefill_chunk_size="auto")``): prompts longer than this are
 #: prefilled in chunks of this many tokens. Chosen from ``bench/chunked_prefill.py`` (artifacts/chunked_prefill.md):
@@ -86,11 +99,14 @@ class ChunkedPrefill:
         self.config = config
         self.cache_name = cache_name
         self._running = False  # inside the hook's own chunk forwards: they are never chunked again
+        self.rows: RowGroupPrefill | None = None  # set by runtime.apply_plan
 
     def __call__(self, module, args, kwargs):
         size = self.owner.prefill_chunk_size
         if self._running or size is None:
             return None
+        if self.rows is not None and self.rows.groups(args, kwargs) is not None:
+            return None  # the forward runs in groups of rows (RowGroupPrefill), each chunked on its own
         plan = self._plan(args, kwargs, size)
         if plan is None:
             return None
@@ -227,6 +243,127 @@ class BlockwiseMLP:
             self.module.forward = self._own
 
 
+#: Keyword arguments of a causal LM's forward that a row group takes its own rows of (when their first dimension is the
+#: batch); any other tensor argument makes a forward run in one piece.
+_ROW_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+#: Tensor arguments that are the same for every row.
+_SHARED_KWARGS = ("cache_position",)
+
+
+class RowGroupPrefill:
+    """Runs the prefill of a batch in groups of rows, so that one forward computes at most ``prefill_chunk_size``
+    tokens whatever the batch size (as serving engines bound the tokens of a prefill step).
+
+    A forward qualifies when it starts a fresh transformers ``DynamicCache`` (``runtime.cache.can_join_rows``), asks
+    for no attentions, hidden states or loss, and ``B`` rows x ``min(L, C)`` tokens exceed ``C``
+    (``C = owner.prefill_chunk_size``; None: off; ``owner.prefill_row_groups`` False: off). It then runs as forwards of ``max(1, C // min(L, C))`` rows each
+    (each row group with its own fresh cache, chunked by :class:`ChunkedPrefill` when ``L > C``), joins the groups'
+    caches row-wise into the forward's cache (``runtime.cache.join_cache_rows``: each plan layer's ``join_rows``) and
+    returns the last group's output with the logits of every group, one after the other. A row's tokens go through
+    the same computations as in one forward over the whole batch (every row of a padded batch equals its solo run),
+    so the joined cache holds what that forward would have left; what changes is the peak memory: the
+    activations, rotary and attention temporaries of one group instead of the batch.
+
+    Set as the model instance's own ``forward`` attribute by :meth:`attach` (as :class:`BlockwiseMLP` is for MLPs;
+    the class is untouched), with the wrapped forward's signature (``generate`` reads it), and taken off by
+    :meth:`remove`.
+    """
+
+    def __init__(self, owner, model: torch.nn.Module, cache_name: str):
+        self.owner = owner
+        self.model = model
+        self.cache_name = cache_name
+        self._own = model.__dict__.get("forward", _MISSING)
+        self._forward = model.forward
+        self.__signature__ = inspect.signature(self._forward)
+        self._running = False  # inside the groups' own forwards: never grouped again
+
+    @classmethod
+    def attach(cls, owner, model: torch.nn.Module, cache_name: str) -> RowGroupPrefill:
+        wrapper = cls(owner, model, cache_name)
+        model.forward = wrapper
+        return wrapper
+
+    def groups(self, args, kwargs) -> tuple[list[slice], str, Cache | None] | None:
+        """``(row slices, cache kwarg name, cache or None)`` when this forward runs in row groups, else None."""
+        size = self.owner.prefill_chunk_size
+        if (self._running or size is None or not self.owner.prefill_row_groups or len(args) > 1
+                or torch.is_grad_enabled()):
+            return None
+        tokens = args[0] if args else kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+            return None
+        bsz, length = tokens.shape[:2]
+        rows = max(1, size // max(1, min(length, size)))
+        if rows >= bsz:
+            return None
+        keep = kwargs.get("logits_to_keep", 0)
+        if not isinstance(keep, int) or isinstance(keep, bool):
+            return None
+        if kwargs.get("labels") is not None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return None
+        if kwargs.get("use_cache") is False or kwargs.get("return_dict") is False:
+            return None
+        name = next((k for k in _CACHE_KWARGS if k in kwargs), self.cache_name)
+        cache = kwargs.get(name)
+        if cache is not None and not (isinstance(cache, Cache) and can_join_rows(cache)):
+            return None
+        for key, value in kwargs.items():
+            if key == name or key in _SHARED_KWARGS or not isinstance(value, torch.Tensor):
+                continue
+            if key not in _ROW_KWARGS or value.dim() < 1 or value.shape[0] not in (1, bsz):
+                return None  # an argument this wrapper does not know how to cut by rows
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (mask.dim() != 2 or mask.shape[0] != bsz):
+            return None
+        return [slice(start, min(start + rows, bsz)) for start in range(0, bsz, rows)], name, cache
+
+    def __call__(self, *args, **kwargs):
+        found = self.groups(args, kwargs)
+        if found is None:
+            return self._forward(*args, **kwargs)
+        slices, name, cache = found
+        if args:
+            kwargs = dict(kwargs, input_ids=args[0])
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        bsz = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None).shape[0]
+        parts, logits = [], []
+        self._running = True
+        try:
+            for rows in slices:
+                step = {
+                    key: value[rows] if key in _ROW_KWARGS and isinstance(value, torch.Tensor) and value.shape[0] == bsz
+                    else value
+                    for key, value in kwargs.items()
+                }
+                step[name] = copy.deepcopy(cache)  # fresh, of the same structure
+                out = self.model(**step)
+                parts.append(step[name])
+                logits.append(out.logits)
+                del step
+        finally:
+            self._running = False
+        join_cache_rows(cache, parts)
+        del parts
+        out.logits = torch.cat(logits, dim=0)
+        fields = {field.name for field in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else ()
+        for key in _CACHE_KWARGS:  # ``cache`` in recent transformers' outputs, ``past_key_values`` before
+            if key in fields:
+                setattr(out, key, cache)
+        return out
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("forward") is not self:
+            return
+        if self._own is _MISSING:
+            del self.model.forward
+        else:
+            self.model.forward = self._own
+
+
 def position_wise_mlps(decoder_layers) -> list[torch.nn.Module]:
     """The MLP of each decoder layer that is position-wise for sure: a module named ``mlp`` whose class name ends in
     ``MLP`` (Llama, Mistral, Qwen2, Phi3, Gemma3, ... MLPs). Mixture-of-experts blocks and unknown modules are left
@@ -240,6 +377,6 @@ def position_wise_mlps(decoder_layers) -> list[torch.nn.Module]:
 
 
 __all__ = [
-    "AUTO", "BlockwiseMLP", "ChunkedPrefill", "DEFAULT_MLP_BLOCK_TOKENS", "DEFAULT_PREFILL_CHUNK_SIZE", "chunk_bounds",
-    "position_wise_mlps", "resolve_block_tokens", "resolve_chunk_size",
+    "AUTO", "BlockwiseMLP", "ChunkedPrefill", "DEFAULT_MLP_BLOCK_TOKENS", "DEFAULT_PREFILL_CHUNK_SIZE", "RowGroupPrefill",
+    "chunk_bounds", "position_wise_mlps", "resolve_block_tokens", "resolve_chunk_size",
 ]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .layers import Held, LayerPlan, PlanLayer, RowSelection, key_valid_from_mask, tensor_bytes
+from .layers import Held, LayerPlan, PlanLayer, RowSelection, cat_rows, check_same, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
 NEG_INF = float("-inf")
@@ -161,6 +161,35 @@ class ValueStore:
         sums = self.sums
         self.put(fn(self.view()))
         self.sums = None if sums is None else fn(sums)
+
+    def join_rows(self, others: list[ValueStore], dense: bool = True) -> None:
+        """Row join of the stores of layers being joined (``PlanLayer.join_rows``): the counters add up and, for the
+        dense layout (``dense``), the rows of ``others`` follow this store's, a narrower store's rows preceded by
+        zero slots (no token) up to the widest (right-aligned, as ``DenseStorage.join_rows`` aligns the keys); ``sums``
+        likewise. A layer with its own layout joins its tensors
+        itself (``dense=False``: counters only)."""
+        stores = [self, *others]
+        if dense and any(store.buffer is not None for store in stores):
+            views = [store.view() for store in stores]
+            width = max(view.shape[-2] for view in views)
+            sums = cat_rows([store.sums for store in stores])
+            if all(view.shape[-2] == width for view in views):
+                joined = torch.cat(views, dim=0)
+            else:
+                shape = (sum(view.shape[0] for view in views), *views[0].shape[1:-2], width, views[0].shape[-1])
+                joined = self.zeros(shape, views[0].dtype)
+                row = 0
+                for view in views:
+                    joined[row : row + view.shape[0], ..., width - view.shape[-2] :, :] = view
+                    row += view.shape[0]
+            del views
+            for store in others:
+                store.clear()
+            self.put(joined)
+            self.sums = sums
+        for name in ("rows_read", "rows_held", "last_read", "last_held"):
+            setattr(self, name, sum(getattr(store, name) for store in stores))
+        self.steps = max(store.steps for store in stores)
 
     def clear(self) -> None:
         self.buffer = None
@@ -338,6 +367,15 @@ class OffloadedLayer(RowSelection, DynamicLayer, PlanLayer):
             self._valid = fn(self._valid)
         if self.offloaded:
             self.store.select_rows(fn)
+
+    def join_rows(self, others: list) -> None:
+        parts = [self, *others]
+        check_same(parts, "is_initialized", "offloaded", "_readers_left")
+        self.keys = cat_rows([part.keys for part in parts])
+        self._fresh = cat_rows([part._fresh for part in parts])
+        self._valid = cat_rows([part._valid for part in parts])
+        if self.store is not None:
+            self.store.join_rows([part.store for part in others])
 
     # ----- the plan-layer interface -------------------------------------------------------------------------------
     def held(self) -> Held:

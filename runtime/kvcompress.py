@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .kcache import ValueStore, check_estimator, estimate, top_slots
-from .layers import CompressingLayer, Held, LayerPlan, key_valid_from_mask, tensor_bytes
+from .layers import CompressingLayer, Held, LayerPlan, cat_rows, check_same, key_valid_from_mask, tensor_bytes
 from . import pyramidinfer
 from .pyramidinfer import query_block
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
@@ -622,6 +622,36 @@ class RaggedLayer(CompressingLayer, DynamicLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx.to(self.device).long())
+
+    def join_rows(self, others: list) -> None:
+        parts = [self, *others]
+        check_same(parts, "is_initialized", "seen", "compressed", "n_tail", "tail_start", "readers", "topn")
+        if any(part._pending is not None for part in parts):
+            raise ValueError("kvplan: cannot join the batch rows of a layer in the middle of a forward")
+        if not self.compressed:
+            if any(part._prefill is not None for part in parts):
+                self._prefill = (cat_rows([part._prefill[0] for part in parts]),
+                                 cat_rows([part._prefill[1] for part in parts]))
+            return
+        # the blocks: every part's entries (sorted by segment, position), segments renumbered after the rows before;
+        # packed as one batch packs them
+        entries, offset = [], 0
+        for part in parts:
+            seg, keys, values, positions, scores = part.body.entries()
+            entries.append((seg + offset, keys, values, positions, scores))
+            offset += part.body.lengths.numel()
+            if part is not self:
+                part.body.clear()
+        seg, keys, values, positions, scores = (torch.cat(column) for column in zip(*entries))
+        del entries
+        if self.body.store is not None:
+            self.body.store.join_rows([part.body.store for part in others], dense=False)
+        self.body.pack(seg, keys, values, positions, scores, offset)
+        del seg, keys, values, positions, scores
+        self._tail_k = cat_rows([part.tail_keys for part in parts])
+        self._tail_v = cat_rows([part.tail_values for part in parts])
+        self._tail_s = cat_rows([part.tail_scores for part in parts])
+        self.real_seen = cat_rows([part.real_seen for part in parts])
 
     def _batch_size(self) -> int:
         if self._prefill is not None:

@@ -96,6 +96,9 @@ class SharedLayer(DynamicLayer, PlanLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         pass
 
+    def join_rows(self, others: list) -> None:
+        pass  # the source joins its own rows
+
     def offload(self) -> None:
         pass
 

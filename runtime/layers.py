@@ -8,7 +8,9 @@ next) — implements :class:`PlanLayer`:
 - ``reader_attention(...)``: the same for a KVSharer layer that reads this layer's cache in the same forward;
 - ``held()``: what it holds (:class:`Held`: K/V and, per row and KV head, each slot's position and validity);
 - ``physical_bytes(by_device)``: bytes of every tensor it holds; ``kept_lengths()``: tokens held per (row, head);
-- ``check_forward(layer_idx)``: called after each forward, raises if the forward left the layer inconsistent.
+- ``check_forward(layer_idx)``: called after each forward, raises if the forward left the layer inconsistent;
+- ``join_rows(others)``: take in the batch rows of layers of the same kind that saw the same tokens (the caches of
+  a prefill run in row groups, ``runtime/chunking.py``), so that the layer holds what one forward over all rows left.
 
 ``attention.py`` calls these methods and ``cache.py`` counts through them; neither dispatches on layer classes.
 
@@ -144,6 +146,13 @@ class PlanLayer:
     def check_forward(self, layer_idx: int, where: str) -> None:
         """Raise ``RuntimeError`` if the forward that just ended left this layer inconsistent."""
 
+    def join_rows(self, others: list) -> None:
+        """Append the batch rows of ``others`` after this layer's own: layers of the same class and plan that saw the
+        same token columns (the caches of a prefill run in groups of rows). Afterwards this layer holds what one
+        forward over all the rows would have left (same kept tokens, scores and schedule per row); ``others`` must
+        not be used again. Raises ``ValueError`` for parts that are not at the same point of the same prompt."""
+        raise NotImplementedError(f"kvplan: a {type(self).__name__} cannot join batch rows")
+
 
 class CompressingLayer(PlanLayer):
     """What every plan layer that drops tokens shares: it reports the tokens it has *seen* (``seen``), so positions
@@ -204,6 +213,26 @@ class RowSelection:
         self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
+def check_same(parts: list, *names: str) -> None:
+    """``join_rows``: ``ValueError`` unless every part has the same value of each attribute in ``names``."""
+    for name in names:
+        values = [getattr(part, name) for part in parts]
+        if any(value != values[0] for value in values[1:]):
+            raise ValueError(
+                f"kvplan: cannot join the batch rows of cache layers at different points of a prompt ({name}: "
+                f"{values}); row groups must run the same token columns"
+            )
+
+
+def cat_rows(tensors: list) -> torch.Tensor | None:
+    """``join_rows``: the tensors (batch rows first) one after the other, or None when every one is None."""
+    if all(tensor is None for tensor in tensors):
+        return None
+    if any(tensor is None for tensor in tensors):
+        raise ValueError("kvplan: cannot join the batch rows of cache layers where only some hold a tensor")
+    return torch.cat(tensors, dim=0)
+
+
 def key_valid_from_mask(full_mask: torch.Tensor | None, bsz: int, total: int, device) -> torch.Tensor:
     """bool ``[B, T]``: keys some query may attend to (padding keys are masked in every row)."""
     if full_mask is None:
@@ -235,6 +264,18 @@ class FullLayer(DynamicLayer, PlanLayer):
         bsz, heads, width, _ = self.keys.shape
         return torch.full((bsz, heads), width, dtype=torch.int64)
 
+    def join_rows(self, others: list) -> None:
+        join_dense_rows(self, others)
+
+
+def join_dense_rows(layer, others: list) -> None:
+    """``join_rows`` of a layer holding ``keys``/``values`` ``[B, H_kv, T, d]`` (transformers' ``DynamicLayer``, its
+    sliding-window variant, :class:`FullLayer`): the rows one after the other."""
+    parts = [layer, *others]
+    check_same(parts, "is_initialized", *(("cumulative_length",) if hasattr(layer, "cumulative_length") else ()))
+    layer.keys = cat_rows([part.keys for part in parts])
+    layer.values = cat_rows([part.values for part in parts])
+
 
 def layer_bytes(layer, by_device: bool = False) -> int | dict[str, int]:
     """Bytes a cache layer holds: a plan layer counts itself; a stock transformers layer, its K and V."""
@@ -243,4 +284,7 @@ def layer_bytes(layer, by_device: bool = False) -> int | dict[str, int]:
     return tensor_bytes((getattr(layer, "keys", None), getattr(layer, "values", None)), by_device)
 
 
-__all__ = ["CompressingLayer", "RowSelection", "ExactFn", "FullLayer", "key_valid_from_mask", "Held", "LayerPlan", "PlanLayer", "layer_bytes", "tensor_bytes"]
+__all__ = [
+    "CompressingLayer", "RowSelection", "ExactFn", "FullLayer", "cat_rows", "check_same", "join_dense_rows",
+    "key_valid_from_mask", "Held", "LayerPlan", "PlanLayer", "layer_bytes", "tensor_bytes",
+]

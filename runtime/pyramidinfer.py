@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .kcache import ValueStore, check_estimator, top_slots
-from .layers import CompressingLayer, Held, LayerPlan, RowSelection, key_valid_from_mask, tensor_bytes
+from .layers import CompressingLayer, Held, LayerPlan, RowSelection, cat_rows, check_same, key_valid_from_mask, tensor_bytes
 from .schema import MethodSpec, ParamSpec, TensorContext, TensorSpec
 
 NEG_INF = float("-inf")
@@ -512,6 +512,43 @@ class DenseStorage:
             if tensor is not None:
                 setattr(self, name, fn(tensor.narrow(2, 0, width)))
 
+    def join_rows(self, others: list[DenseStorage]) -> None:
+        """The rows of ``others`` after this storage's (``BudgetedLayer.join_rows``). The rectangle becomes as wide as
+        the widest part; a narrower part's rows get empty slots (zero K/V, position 0, score ``-inf``) *before* their
+        own, as a narrower row of one batch has its holes before its newest tokens: the last slots of every row keep
+        its most recent tokens (the recent window a compaction protects is the rectangle's last slots). Buffers get
+        :attr:`reserve` more slots."""
+        parts = [self, *others]
+        check_same(parts, "selection_heads", "offloaded")
+        if all(part._k is None for part in parts):
+            return
+        width = max(part.width for part in parts)
+        rows = sum(part._k.shape[0] for part in parts)
+
+        def joined(name: str, fill: float) -> torch.Tensor | None:
+            used = [None if getattr(part, name) is None else getattr(part, name).narrow(2, 0, part.width)
+                    for part in parts]
+            if all(tensor is None for tensor in used):
+                return None
+            if any(tensor is None for tensor in used):
+                raise ValueError("kvplan: cannot join the batch rows of cache layers where only some hold a tensor")
+            shape = list(used[0].shape)
+            shape[0], shape[2] = rows, width + self.reserve
+            out = used[0].new_full(shape, fill)
+            row = 0
+            for tensor in used:
+                out[row : row + tensor.shape[0], :, width - tensor.shape[2] : width] = tensor
+                row += tensor.shape[0]
+            return out
+
+        self._k, self._v = joined("_k", 0.0), joined("_v", 0.0)
+        self._pos, self._sc = joined("_pos", 0), joined("_sc", NEG_INF)
+        self.width = width
+        if self.offloaded:
+            self.store.join_rows([part.store for part in others])  # right-aligned too
+        for part in others:
+            part.clear()
+
     def tensors(self) -> tuple:
         store = (*self.store.tensors(), *self.store.resident()) if self.offloaded else ()
         return (self._k, self._v, self._pos, self._sc, *store)
@@ -600,6 +637,20 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             self.real_seen = fn(self.real_seen)
         if self.prefill_end is not None:
             self.prefill_end = fn(self.prefill_end)
+
+    def join_rows(self, others: list) -> None:
+        parts = [self, *others]
+        check_same(parts, "is_initialized", "seen", "compressed", "readers", "topn")
+        if any(part._pending is not None for part in parts):
+            raise ValueError("kvplan: cannot join the batch rows of a layer in the middle of a forward")
+        # the schedule of one batch: the first compaction check due in any row, a row still empty in any
+        self._countdown = min(part._countdown for part in parts)
+        self._maybe_empty = any(part._maybe_empty for part in parts)
+        self.storage.reserve = max(self._countdown - 1, 0)
+        self.storage.join_rows([part.storage for part in others])
+        self.keys, self.values = self.storage.keys, self.storage.values
+        self.real_seen = cat_rows([part.real_seen for part in parts])
+        self.prefill_end = cat_rows([part.prefill_end for part in parts])
 
     # ----- the plan-layer interface -------------------------------------------------------------------------------
     def held(self) -> Held:
