@@ -194,7 +194,30 @@ def resolve_block_tokens(value, plan) -> int | None:
 _MISSING = object()
 
 
-class BlockwiseMLP:
+class _ForwardWrapper:
+    """Set as one module instance's own ``forward`` attribute (``torch.nn.Module.__call__`` calls ``self.forward``;
+    the class, its parameters and ``state_dict`` are untouched); wraps whatever ``forward`` the instance had (the bound
+    method, or a wrapper of another library such as accelerate's hooks). :meth:`remove` restores exactly that."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._own = module.__dict__.get("forward", _MISSING)
+        self._forward = module.forward
+
+    def _install(self):
+        self.module.forward = self
+        return self
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self:
+            return
+        if self._own is _MISSING:
+            del self.module.forward
+        else:
+            self.module.forward = self._own
+
+
+class BlockwiseMLP(_ForwardWrapper):
     """Runs one position-wise MLP module over blocks of tokens (see :data:`DEFAULT_MLP_BLOCK_TOKENS`).
 
     Set as that module instance's own ``forward`` attribute by :meth:`attach` (``torch.nn.Module.__call__`` calls
@@ -208,16 +231,12 @@ class BlockwiseMLP:
     """
 
     def __init__(self, owner, module: torch.nn.Module):
+        super().__init__(module)
         self.owner = owner
-        self.module = module
-        self._own = module.__dict__.get("forward", _MISSING)
-        self._forward = module.forward
 
     @classmethod
     def attach(cls, owner, module: torch.nn.Module) -> BlockwiseMLP:
-        wrapper = cls(owner, module)
-        module.forward = wrapper
-        return wrapper
+        return cls(owner, module)._install()
 
     def __call__(self, hidden, *args, **kwargs):
         size = self.owner.mlp_block_tokens
@@ -234,14 +253,6 @@ class BlockwiseMLP:
             out[:, start : start + step] = self._forward(hidden[:, start : start + step])
         return out
 
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is not self:
-            return
-        if self._own is _MISSING:
-            del self.module.forward
-        else:
-            self.module.forward = self._own
-
 
 #: Keyword arguments of a causal LM's forward that a row group takes its own rows of (when their first dimension is the
 #: batch); any other tensor argument makes a forward run in one piece.
@@ -250,7 +261,7 @@ _ROW_KWARGS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 _SHARED_KWARGS = ("cache_position",)
 
 
-class RowGroupPrefill:
+class RowGroupPrefill(_ForwardWrapper):
     """Runs the prefill of a batch in groups of rows, so that one forward computes at most ``prefill_chunk_size``
     tokens whatever the batch size (as serving engines bound the tokens of a prefill step).
 
@@ -270,19 +281,15 @@ class RowGroupPrefill:
     """
 
     def __init__(self, owner, model: torch.nn.Module, cache_name: str):
+        super().__init__(model)
         self.owner = owner
-        self.model = model
         self.cache_name = cache_name
-        self._own = model.__dict__.get("forward", _MISSING)
-        self._forward = model.forward
         self.__signature__ = inspect.signature(self._forward)
         self._running = False  # inside the groups' own forwards: never grouped again
 
     @classmethod
     def attach(cls, owner, model: torch.nn.Module, cache_name: str) -> RowGroupPrefill:
-        wrapper = cls(owner, model, cache_name)
-        model.forward = wrapper
-        return wrapper
+        return cls(owner, model, cache_name)._install()
 
     def groups(self, args, kwargs) -> tuple[list[slice], str, Cache | None] | None:
         """``(row slices, cache kwarg name, cache or None)`` when this forward runs in row groups, else None."""
@@ -328,7 +335,7 @@ class RowGroupPrefill:
         if args:
             kwargs = dict(kwargs, input_ids=args[0])
         if cache is None:
-            cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache(config=self.module.config)
         bsz = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None).shape[0]
         parts, logits = [], []
         self._running = True
@@ -340,7 +347,7 @@ class RowGroupPrefill:
                     for key, value in kwargs.items()
                 }
                 step[name] = copy.deepcopy(cache)  # fresh, of the same structure
-                out = self.model(**step)
+                out = self.module(**step)
                 parts.append(step[name])
                 logits.append(out.logits)
                 del step
@@ -354,14 +361,6 @@ class RowGroupPrefill:
             if key in fields:
                 setattr(out, key, cache)
         return out
-
-    def remove(self) -> None:
-        if self.model.__dict__.get("forward") is not self:
-            return
-        if self._own is _MISSING:
-            del self.model.forward
-        else:
-            self.model.forward = self._own
 
 
 def position_wise_mlps(decoder_layers) -> list[torch.nn.Module]:

@@ -129,15 +129,23 @@ def random_ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 120, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
-def assert_rows_equal_solo_runs(model, lengths: list[int], new_tokens: int, seed: int = 10) -> None:
-    """Greedy generation of a left-padded batch (row ``i``: ``lengths[i]`` random tokens, seed ``seed + i``) under
-    whatever plan is applied: every row's new tokens equal the same row generated alone."""
+def left_padded(lengths: list[int], seed: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` of a left-padded batch: row ``i`` holds ``lengths[i]`` random tokens (seed
+    ``seed + i``) after zeros."""
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         ids[row, width - n :] = random_ids(1, n, seed=seed + row)
         mask[row, width - n :] = 1
+    return ids, mask
+
+
+def assert_rows_equal_solo_runs(model, lengths: list[int], new_tokens: int, seed: int = 10) -> None:
+    """Greedy generation of a left-padded batch (:func:`left_padded`) under whatever plan is applied: every row's new
+    tokens equal the same row generated alone."""
+    width = max(lengths)
+    ids, mask = left_padded(lengths, seed)
     batch = greedy(model, ids, new_tokens, attention_mask=mask)
     for row, n in enumerate(lengths):
         solo = greedy(model, ids[row : row + 1, width - n :], new_tokens)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_config
-from helpers import greedy, pyramid_plan, random_ids, tiny_gqa_model
+from helpers import left_padded, pyramid_plan, random_ids, tiny_gqa_model
 from test_chunked_prefill import CHUNK, PLAN_NAMES, WINDOW, _plans
 from transformers import DynamicCache
 
@@ -28,16 +28,6 @@ LENGTHS = [200, 60, 131, 97, 23]  # left-padded rows; the 23-token row is paddin
 @pytest.fixture(scope="module")
 def model():
     return tiny_gqa_model(seed=3)
-
-
-def _padded(lengths, seed=20):
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = random_ids(1, n, seed=seed + row)
-        mask[row, width - n :] = 1
-    return ids, mask
 
 
 class BatchLog:
@@ -72,7 +62,7 @@ def _run(model, plan, ids, mask, groups: bool, chunk=CHUNK, new_tokens=8):
 @pytest.mark.parametrize("name", PLAN_NAMES)
 def test_a_batched_prefill_in_row_groups_generates_what_one_forward_does(model, name):
     plan = _plans(model)[name]
-    ids, mask = _padded(LENGTHS)
+    ids, mask = left_padded(LENGTHS, seed=20)
     one, one_shapes = _run(model, plan, ids, mask, groups=False)
     grouped, grouped_shapes = _run(model, plan, ids, mask, groups=True)
     assert torch.equal(grouped.sequences, one.sequences)
@@ -147,7 +137,7 @@ def test_the_joined_cache_holds_what_one_forward_over_every_row_leaves(model, na
     """Chunks of 48 (groups of one row, each chunked) and of 450 (one chunk; 450 // 200 = 2 rows per group, the
     last group of one row)."""
     plan = _plans(model)[name]
-    ids, mask = _padded(LENGTHS)
+    ids, mask = left_padded(LENGTHS, seed=20)
     one_out, one = _prefill(model, plan, ids, mask, groups=False, chunk=chunk)
     grouped_out, grouped = _prefill(model, plan, ids, mask, groups=True, chunk=chunk)
     torch.testing.assert_close(grouped_out.logits, one_out.logits, rtol=1e-5, atol=1e-5)
@@ -231,7 +221,7 @@ def test_sliding_window_layers_are_joined_too():
     gemma.generation_config.eos_token_id = None
     gemma.generation_config.pad_token_id = 0
     plan = pyramid_plan(gemma, 0.3)
-    ids, mask = _padded([70, 40, 55], seed=7)
+    ids, mask = left_padded([70, 40, 55], seed=7)
     ids = ids % config.vocab_size
     one, _ = _run(gemma, plan, ids, mask, groups=False, chunk=48, new_tokens=6)
     grouped, shapes = _run(gemma, plan, ids, mask, groups=True, chunk=48, new_tokens=6)
