@@ -227,3 +227,42 @@ def test_sliding_window_layers_are_joined_too():
     grouped, shapes = _run(gemma, plan, ids, mask, groups=True, chunk=48, new_tokens=6)
     assert shapes[:2] == [(1, 22), (1, 48)]
     assert torch.equal(grouped.sequences, one.sequences)
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_shipped_8x_plan_generates_the_same_in_row_groups_on_smollm2():
+    """SmolLM2-135M, the shipped all-methods 8x plan, a left-padded batch of 3 prompts (~450-900 tokens) with chunks
+    of 256: row groups of one row, each chunked and joined, generate the tokens of one forward per chunk over the
+    batch, and the joined cache holds as many bytes."""
+    from pathlib import Path
+
+    from runtime.models import load_model, resolve_model_spec
+
+    plan_path = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m-all-8x" / "plan.safetensors"
+    if not plan_path.exists():
+        pytest.skip("the shipped plan artifacts/smollm2-135m-all-8x is not in this checkout")
+    loaded = load_model(resolve_model_spec("smollm2-135m"), progress=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    texts = [" ".join(f"Box {i} holds {i * k % 50} marbles and sits next to box {i + 1}." for i in range(1, n))
+             for k, n in ((7, 70), (11, 40), (13, 55))]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    assert batch.input_ids.shape[1] > 800
+    plan = runtime.load_plan(plan_path)
+    results = {}
+    for groups in (False, True):
+        cache = DynamicCache(config=model.config)
+        with runtime.apply_plan(model, plan, prefill_chunk_size=256) as applied:
+            applied.prefill_row_groups = groups
+            log = BatchLog(model)
+            try:
+                out = model.generate(**batch, max_new_tokens=8, do_sample=False, **{cache_argument(model): cache})
+            finally:
+                log.remove()
+        results[groups] = (out, runtime.physical_bytes(cache), log.shapes)
+    assert torch.equal(results[True][0], results[False][0])
+    assert results[True][1] == pytest.approx(results[False][1], rel=0.02)
+    assert {rows for rows, tokens in results[True][2] if tokens > 1} == {1}
