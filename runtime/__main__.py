@@ -64,9 +64,9 @@ INSPECT_LEGEND = """\
 
 
 CHUNK_HELP = (
-    "under the plan, prefill a prompt longer than N tokens in chunks of N, compressed between chunks "
-    "(0: one-shot prefill; default 'auto': runtime.chunking.DEFAULT_PREFILL_CHUNK_SIZE for a plan that changes the "
-    "cache)"
+    "under the plan, prefill a prompt longer than N tokens in chunks of N, compressed between chunks, and a batch "
+    "of more than N tokens per chunk in groups of rows (0: one-shot prefill of the whole batch; default 'auto': "
+    "runtime.chunking.DEFAULT_PREFILL_CHUNK_SIZE for a plan that changes the cache)"
 )
 
 

@@ -164,7 +164,8 @@ def apply_plan(
     """Apply ``plan`` (a :class:`Plan`, a file path or a Hub repo id) to ``model``; returns a removable handle.
 
     ``prefill_chunk_size``: a forward over more new tokens than this (the prefill of ``generate``) is fed in chunks
-    of this many tokens, the cache compressed after each (``runtime/chunking.py``). ``"auto"`` (default):
+    of this many tokens, the cache compressed after each, and a batched prefill of more than this many tokens per
+    forward runs in groups of rows joined afterwards (``runtime/chunking.py``). ``"auto"`` (default):
     :data:`runtime.chunking.DEFAULT_PREFILL_CHUNK_SIZE` for a plan that changes the cache, off for a plan with every
     method off; ``None`` or ``0``: off (one-shot prefill); a positive int: that size. ``ValueError`` otherwise.
     ``mlp_block_tokens``: in a forward over more tokens than this (batch x length), each decoder layer's
