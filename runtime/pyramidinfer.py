@@ -342,17 +342,23 @@ def attend_step(
     return out.view(bsz, 1, n_q_heads, dim), reduced
 
 
-def take_rows(buffer: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(buffer: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Slots ``idx`` int64 ``[B, H_s, W]`` (``H_s`` 1 or ``H``) of a contiguous ``[B, H, C, d]`` buffer, as a new
     ``[B, H, W, d]``: one ``index_select`` of whole ``d``-rows (a row copy each, where ``gather`` would index every
-    element)."""
+    element). ``rows``: :func:`row_index` of ``idx`` for this buffer's shape, when the caller has it."""
     if not buffer.is_contiguous():
         buffer = buffer.contiguous()
     bsz, heads, capacity, dim = buffer.shape
+    if rows is None:
+        rows = row_index(idx, bsz, heads, capacity)
+    return buffer.view(-1, dim).index_select(0, rows).view(bsz, heads, idx.shape[-1], dim)
+
+
+def row_index(idx: torch.Tensor, bsz: int, heads: int, capacity: int) -> torch.Tensor:
+    """int64 ``[B * H * W]``: the rows of a flat ``[B * H * C, d]`` view that slots ``idx`` ``[B, H_s, W]`` name."""
     width = idx.shape[-1]
-    base = torch.arange(bsz * heads, device=idx.device).view(bsz, heads, 1) * capacity
-    rows = (idx.expand(bsz, heads, width) + base).reshape(-1)
-    return buffer.view(-1, dim).index_select(0, rows).view(bsz, heads, width, dim)
+    base = torch.arange(0, bsz * heads * capacity, capacity, device=idx.device).view(bsz, heads, 1)
+    return (idx.expand(bsz, heads, width) + base).reshape(-1)
 
 
 class DenseStorage:
@@ -480,23 +486,19 @@ class DenseStorage:
         """Keep slots ``idx`` int64 ``[B, H_s, W]`` (ascending); slots where ``kept`` is False become empty (None: all
         kept). The new buffers have room for ``reserve`` more slots."""
         width = idx.shape[-1]
-
-        def fresh(like: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-            """``picked [B, H, W(, d)]`` in a new buffer with room for ``reserve`` more slots."""
-            if reserve == 0 or picked.requires_grad:
-                return picked
-            shape = list(picked.shape)
-            shape[2] = width + reserve
-            out = like.new_empty(shape)
-            out[:, :, :width] = picked
-            return out
-
-        positions, scores = self.positions, self.scores  # the used slots
-        self._k = fresh(self._k, take_rows(self._k, idx))
+        picks = idx
+        if reserve and not self._k.requires_grad:
+            # the reserve slots pick slot 0 too: each new buffer is one gather, its room filled with a copy (unused)
+            picks = torch.nn.functional.pad(idx, (0, reserve))
+        if not self._k.is_contiguous():
+            self._k = self._k.contiguous()
+        shape = self._k.shape
+        rows = row_index(picks, shape[0], shape[1], shape[2])
+        self._k = take_rows(self._k, picks, rows)
         if self._v is not None:
-            self._v = fresh(self._v, take_rows(self._v, idx))
-        self._pos = fresh(self._pos, positions.gather(-1, idx))
-        self._sc = fresh(self._sc, scores.gather(-1, idx))
+            self._v = take_rows(self._v, picks, rows if self._v.shape == shape else None)
+        self._pos = self._pos.gather(-1, picks)
+        self._sc = self._sc.gather(-1, picks)
         self.width = width
         if kept is not None:
             self.scores.masked_fill_(~kept, NEG_INF)
@@ -787,17 +789,18 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         if self._countdown <= 0:
             self._schedule(*self._maybe_compact(decode=True))
 
-    def _schedule(self, budget: torch.Tensor | None = None, held: torch.Tensor | None = None) -> None:
+    def _schedule(self, limit: torch.Tensor | None = None, held: torch.Tensor | None = None) -> None:
         """Decode steps before any (row, head) can exceed its budget plus slack: a step adds at most one token and
         budgets never shrink, so ``min(budget + slack - held) + 1`` steps are safe. Also notes whether some row holds
-        no real token yet (decode steps then take the general path, which starts such rows). ``budget``/``held``: the
-        current ones when the caller has them."""
-        if budget is None:
+        no real token yet (decode steps then take the general path, which starts such rows). ``limit`` (budget plus
+        slack) and ``held``: the current ones when the caller has them (:meth:`_maybe_compact`)."""
+        if limit is None:
             budget = self.params.budget(self.real_seen)
+            limit = budget + self.params.slack_for(budget)
             held = self.storage.valid().sum(dim=-1)
-        room = budget + self.params.slack_for(budget) - held
-        self._countdown = max(1, int(room.min()) + 1)
-        self._maybe_empty = bool((self.real_seen == 0).any())
+        least_room, least_seen = torch.stack([(limit - held).min(), self.real_seen.min()]).tolist()  # one sync
+        self._countdown = max(1, least_room + 1)
+        self._maybe_empty = least_seen == 0
         self.storage.reserve = self._countdown - 1  # a buffer that grows makes room for the steps until the check
 
     def _fresh_votes(self, pending: dict, query: torch.Tensor, scaling: float) -> None:
@@ -907,7 +910,8 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
         """
         budget = self.params.budget(self.real_seen)
         held = self.storage.valid().sum(dim=-1)
-        over = held > budget + self.params.slack_for(budget)
+        limit = budget + self.params.slack_for(budget)
+        over = held > limit
         if fresh is not None:
             over = over | fresh[:, None]
         if bool(over.any()):
@@ -915,22 +919,21 @@ class BudgetedLayer(RowSelection, CompressingLayer, DynamicLayer):
             reserve = int(self.params.slack_for(int(budget.max()))) + 1 if decode else 0
             held = torch.where(over, budget, held)
             self._compact(held, reserve)
-        return budget, held
+        return limit, held
 
     def _effective_scores(self) -> torch.Tensor:
         """Scores with the moving-average start-up bias of decode-born tokens removed, recent window protected."""
         scores = self.storage.scores
-        born = self.storage.positions.long()
+        born = self.storage.positions
         young = born >= self.prefill_end[:, None, None]
-        if young.any():
-            gamma = 1.0 - 1.0 / max(self.params.window, 1)
-            age = (self.seen - born).clamp(min=1).double()
-            correction = (1.0 - torch.pow(gamma, age)).float()
-            scores = torch.where(young & torch.isfinite(scores), scores / correction, scores)
-        recent = torch.zeros_like(scores, dtype=torch.bool)
+        gamma = 1.0 - 1.0 / max(self.params.window, 1)
+        age = (self.seen - born).clamp(min=1).double()
+        correction = (1.0 - torch.pow(gamma, age)).float()  # in (0, 1]: +-inf scores (sinks, empty slots) stay so
+        scores = torch.where(young, scores / correction, scores)  # a new tensor: the storage's scores stay
         if self.params.window > 0:
-            recent[..., -self.params.window :] = True
-        return torch.where(recent & (scores > NEG_INF), POS_INF, scores)
+            recent = scores[..., -self.params.window :]
+            recent.masked_fill_(recent > NEG_INF, POS_INF)
+        return scores
 
     def _compact(self, budget: torch.Tensor, reserve: int = 0) -> None:
         """Keep, per (row, head), its ``budget`` best tokens (original order); narrower ones get empty slots."""
