@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from packaging.version import Version
 from transformers.cache_utils import DynamicLayer
 
 from .kcache import ValueStore, check_estimator, top_slots
@@ -241,6 +242,9 @@ def attend(
         out, probs = _attend(query, keys, values, block(0, q_len), scaling, head_reduce, per_kv_head, topn, estimator,
                              q_len == 1)
         return out, probs if fold is None else torch.matmul(fold, probs)
+    if (fold is not None and not isinstance(values, ValueStore) and allowed.shape[1] == 1
+            and fused_chunk_attention(query.device)):
+        return _attend_fused(query, keys, values, allowed, scaling, head_reduce, per_kv_head, fold, step)
     out = query.new_empty(bsz, q_len, n_q_heads, dim)
     probs, folded = [], None
     for start in range(0, q_len, step):
@@ -253,6 +257,68 @@ def attend(
             prob = torch.matmul(fold[start : start + step], prob)
             folded = prob if folded is None else folded.add_(prob)
     return out, torch.cat(probs, dim=2) if fold is None else folded
+
+
+def _softmax_probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+    """float32 ``[B, H_kv, G, Q, T]``: the attention probabilities of ``query [B, H_q, Q, d]`` over ``keys
+    [B, H_kv, T, d]`` where ``allowed`` (bool ``[B, H_s, Q, T]``) lets it attend; 0 for a query that may attend to
+    nothing (a padding query)."""
+    bsz, n_q_heads, q_len, dim = query.shape
+    n_kv, total = keys.shape[1], keys.shape[2]
+    groups = n_q_heads // n_kv
+    q = query.reshape(bsz, n_kv, groups * q_len, dim)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
+    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill_(~allowed[:, :, None], NEG_INF)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+
+#: torch's SDPA takes ``enable_gqa`` (grouped-query heads without copying K/V) from 2.5 on.
+SDPA_GQA = Version(torch.__version__).release >= (2, 5)
+
+#: A long chunk scored with the fused kernel (:func:`fused_chunk_attention`) scores only its queries whose weight in
+#: the scores' moving average is at least this fraction of the newest query's: the ones left out weigh less than
+#: ``2^-30`` together (geometric weights), so a token's score changes by less than 1e-9.
+FOLD_HORIZON = 2.0**-30
+
+
+def fused_chunk_attention(device: torch.device) -> bool:
+    """Whether a long chunk of a chunked prefill takes its output from the fused SDPA kernel (with the chunk's mask,
+    one call) and scores only the queries that weigh in the scores (:data:`FOLD_HORIZON`), instead of attending in
+    blocks of plain attention that also give every query's probabilities: on accelerators, where the blocks cost a
+    kernel launch per operation and the memory-efficient kernel holds no ``Q x T`` probabilities. On a CPU the plain
+    blocks keep the transient memory within :data:`QUERY_BLOCK_BYTES` (the fused CPU kernel's buffers are larger)."""
+    return device.type != "cpu"
+
+
+def _attend_fused(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed, scaling: float, head_reduce: str,
+    per_kv_head: bool, fold: torch.Tensor, step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` of a long chunk with ``fold`` weights, output by SDPA (see :func:`fused_chunk_attention`)."""
+    bsz, n_q_heads, q_len, dim = query.shape
+    n_kv = keys.shape[1]
+
+    def block(start: int, end: int) -> torch.Tensor:
+        return allowed.rows(start, end) if isinstance(allowed, ChunkMask) else allowed[:, :, start:end]
+
+    if n_q_heads != n_kv and not SDPA_GQA:
+        keys_q = keys.repeat_interleave(n_q_heads // n_kv, dim=1)
+        values_q = values.repeat_interleave(n_q_heads // n_kv, dim=1)
+        gqa = {}
+    else:
+        keys_q, values_q, gqa = keys, values, ({"enable_gqa": True} if n_q_heads != n_kv else {})
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys_q, values_q, attn_mask=block(0, q_len),
+                                                           scale=scaling, **gqa)
+    out = out.nan_to_num_(0.0).transpose(1, 2).contiguous()  # a padding query attends to nothing: 0, as in _attend
+    first = int((fold < fold[-1] * FOLD_HORIZON).sum())  # the weights grow with the query index
+    folded = None
+    for start in range(first, q_len, step):
+        end = min(start + step, q_len)
+        prob = reduce_heads(_softmax_probs(query[:, :, start:end], keys, block(start, end), scaling), head_reduce,
+                            per_kv_head)
+        part = torch.matmul(fold[start:end], prob)
+        folded = part if folded is None else folded.add_(part)
+    return out, folded
 
 
 def _attend(
@@ -284,10 +350,7 @@ def _attend(
     bsz, n_q_heads, q_len, dim = query.shape
     n_kv, total = keys.shape[1], keys.shape[2]
     groups = n_q_heads // n_kv
-    q = query.reshape(bsz, n_kv, groups * q_len, dim)
-    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # [B, H_kv, G*Q, T]
-    logits = logits.view(bsz, n_kv, groups, q_len, total).masked_fill_(~allowed[:, :, None], NEG_INF)
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    probs = _softmax_probs(query, keys, allowed, scaling)
     flat = probs.view(bsz, n_kv, groups * q_len, total)
     if isinstance(values, ValueStore):
         count = allowed[:, :, -1].sum(dim=-1) if estimator == "residual_mean" else None  # [B, H_s] real tokens

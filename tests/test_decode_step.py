@@ -188,3 +188,68 @@ def test_tail_rows_of_a_topn_readout_are_those_of_a_where_over_every_row(n_tail,
         got = fetched.clone()
         _put_tail_rows(got, ids, tail, n_body, min(n_tail, topn))
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("window", [1, 8, 32])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_long_chunk_attends_and_scores_as_the_plain_blocks(monkeypatch, window, padded):
+    """A long chunk on an accelerator (forced here on the CPU): SDPA's output with the chunk's mask equals the plain
+    blocks' output, and scoring only the queries within the fold horizon changes the folded scores by < 1e-9."""
+    torch.manual_seed(5)
+    bsz, n_q, n_kv, old, q_len, dim = 2, 6, 2, 30, 700, 8
+    query = torch.randn(bsz, n_q, q_len, dim)
+    keys, values = torch.randn(bsz, n_kv, old + q_len, dim), torch.randn(bsz, n_kv, old + q_len, dim)
+    held = torch.ones(bsz, 1, old, dtype=torch.bool)
+    new = None
+    if padded:  # row 1: holds no real token yet and the chunk's first 40 tokens are padding (they see nothing)
+        held[1] = False
+        new = torch.ones(bsz, 1, q_len, q_len, dtype=torch.bool).tril()
+        new[1, :, :, :40] = False
+    mask = pyramidinfer.ChunkMask(held, new, q_len)
+    fold = pyramidinfer.fold_weights(q_len, window)
+    monkeypatch.setattr(pyramidinfer, "QUERY_BLOCK_BYTES", 4 * bsz * n_q * (old + q_len) * 64)  # blocks of 64
+    plain_out, plain_scores = attend(query, keys, values, mask, 0.35, "mean", False, fold=fold)
+    monkeypatch.setattr(pyramidinfer, "fused_chunk_attention", lambda device: True)
+    calls = []
+    original = pyramidinfer._attend_fused
+    monkeypatch.setattr(pyramidinfer, "_attend_fused", lambda *a: (calls.append(1), original(*a))[1])
+    fused_out, fused_scores = attend(query, keys, values, mask, 0.35, "mean", False, fold=fold)
+    assert calls, "the fused path was not taken"
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    assert (fused_scores - plain_scores).abs().max() < 1e-9 + 1e-6 * plain_scores.abs().max()
+    if padded:
+        assert torch.equal(fused_out[1, :40], torch.zeros_like(fused_out[1, :40]))  # padding queries: 0
+
+
+def test_fused_chunked_prefill_keeps_what_the_plain_one_keeps(model, monkeypatch):
+    """End to end: a chunked prefill (chunks of 96 tokens) under a plan, then decode, with the fused long-chunk path
+    forced on the CPU: the same kept positions but for a near-tie flipped by float rounding, logits equal up to
+    float rounding."""
+    plan = pyramid_plan(model, 0.3)
+    ids = random_ids(2, 300, seed=8)
+    monkeypatch.setattr(pyramidinfer, "query_block", lambda queries_per_token, keys: 16)  # blocks of 16 queries
+
+    def run():
+        cache = transformers.DynamicCache(config=model.config)
+        arg = {cache_argument(model): cache}
+        logits = []
+        with torch.inference_mode(), runtime.apply_plan(model, plan, prefill_chunk_size=96):
+            out = model(ids, use_cache=True, logits_to_keep=1, **arg)  # one logit: the prefill is chunked
+            for _ in range(6):
+                logits.append(out.logits[:, -1])
+                out = model(out.logits[:, -1:].argmax(-1), use_cache=True, **arg)
+        return logits, [layer.storage.positions.clone() for layer in cache.layers]
+
+    plain_logits, plain_kept = run()
+    monkeypatch.setattr(pyramidinfer, "fused_chunk_attention", lambda device: True)
+    calls = []
+    original = pyramidinfer._attend_fused
+    monkeypatch.setattr(pyramidinfer, "_attend_fused", lambda *a: (calls.append(1), original(*a))[1])
+    fused_logits, fused_kept = run()
+    assert len(calls) >= 2 * model.config.num_hidden_layers, "the fused path was not taken for the later chunks"
+    for a, b in zip(plain_kept, fused_kept):  # float rounding may flip a near-tie (random weights attend evenly)
+        for row in range(a.shape[0]):
+            plain, fused = set(a[row, 0].tolist()), set(b[row, 0].tolist())
+            assert len(plain ^ fused) <= 2 * max(1, len(plain) // 50), (row, sorted(plain ^ fused))
+    for a, b in zip(plain_logits, fused_logits):  # a flipped near-tie moves a row's logits a little
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
