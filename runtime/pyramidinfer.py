@@ -295,7 +295,7 @@ def _attend_fused(
     per_kv_head: bool, fold: torch.Tensor, step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` of a long chunk with ``fold`` weights, output by SDPA (see :func:`fused_chunk_attention`)."""
-    bsz, n_q_heads, q_len, dim = query.shape
+    n_q_heads, q_len = query.shape[1], query.shape[2]
     n_kv = keys.shape[1]
 
     def block(start: int, end: int) -> torch.Tensor:
