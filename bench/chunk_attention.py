@@ -22,18 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) // 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(mode: str, queries: int, held: int, window: int, repeats: int, threads: int) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
     import runtime.pyramidinfer as pyramidinfer
+    from bench.prefill_memory import proc_status, reset_peak
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -47,13 +41,13 @@ def measure(mode: str, queries: int, held: int, window: int, repeats: int, threa
         pyramidinfer.fused_chunk_attention = lambda device: True  # this process only
     with torch.inference_mode():
         pyramidinfer.attend(query, keys, values, mask, dim**-0.5, "max", False, fold=fold)  # warm-up
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _status("VmRSS")
+        reset_peak()
+        base = proc_status()["VmRSS"]
         start = time.perf_counter()
         for _ in range(repeats):
             pyramidinfer.attend(query, keys, values, mask, dim**-0.5, "max", False, fold=fold)
         seconds = (time.perf_counter() - start) / repeats
-    print(f"| {mode} | {queries} | {total} | {seconds:.2f} | {_status('VmHWM') - base} |", flush=True)
+    print(f"| {mode} | {queries} | {total} | {seconds:.2f} | {(proc_status()['VmHWM'] - base) // 2**20} |", flush=True)
 
 
 def main(argv=None) -> int:

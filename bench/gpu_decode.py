@@ -39,29 +39,22 @@ import transformers  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import runtime  # noqa: E402
+from bench.pyramidinfer_report import compressed_ratio  # noqa: E402
+from bench.speed_memory import parse_cell, parse_plan_arg, plan_source_problem  # noqa: E402
 from runtime.cache import cache_argument  # noqa: E402
+from runtime.planfile import DEFAULT_FILENAME as PLAN_FILENAME  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def parse_cell(text: str) -> tuple[int, int]:
-    try:
-        batch, context = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a cell is BATCHxCONTEXT, e.g. 8x4096, not {text!r}") from None
-    if batch < 1 or context < 2:
-        raise argparse.ArgumentTypeError(f"batch and context must be positive (context >= 2): {text!r}")
-    return batch, context
-
-
 def parse_plan(text: str) -> tuple[str, Path]:
-    label, _, path = text.rpartition("=")
-    path = Path(path)
-    if path.is_dir():
-        path = path / "plan.safetensors"
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no plan file at {path}")
-    return label or path.stem, path
+    """``[LABEL=]PATH`` (a plan file or folder) -> (label, plan file); the label defaults to the file or folder name."""
+    arg = parse_plan_arg(text)
+    problem = plan_source_problem(arg.path)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{arg.path}: {problem}")
+    path = Path(arg.path)
+    return arg.label or path.stem, path / PLAN_FILENAME if path.is_dir() else path
 
 
 def synchronize(device: torch.device) -> None:
@@ -118,12 +111,6 @@ def measure(model, plan, ids: torch.Tensor, steps: int) -> dict:
     del cache, out, token
     return {"prefill_s": prefill, "decode_tok_s": ids.shape[0] * steps / decode, "peak_above_model": peak - base,
             "kv_bytes": kv}
-
-
-def keep_ratio(plan, config, context: int, dtype: torch.dtype) -> float:
-    if plan.target_ratio is not None:
-        return float(plan.target_ratio)
-    return runtime.theoretical_bytes(plan, config, context, 1, dtype) / runtime.stock_bytes(config, context, 1, dtype)
 
 
 def mib(n: float) -> str:
@@ -201,7 +188,7 @@ def main(argv=None) -> int:
         ids = torch.randint(100, config.vocab_size - 100, (batch, context), generator=generator).to(device)
         configs = [("stock", None, ids, None, 1.0)]
         for label, plan in plans:
-            keep = keep_ratio(plan, config, context, dtype)
+            keep = compressed_ratio(plan, config, context, dtype)
             length = max(1, round(context * keep))
             configs.append((label, plan, ids, f"stock@{length}", keep))
             if all(c[0] != f"stock@{length}" for c in configs):  # plans of one keep ratio share their limit

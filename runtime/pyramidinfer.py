@@ -244,7 +244,7 @@ def attend(
         return out, probs if fold is None else torch.matmul(fold, probs)
     if (fold is not None and not isinstance(values, ValueStore) and allowed.shape[1] == 1
             and fused_chunk_attention(query.device)):
-        return _attend_fused(query, keys, values, allowed, scaling, head_reduce, per_kv_head, fold, step)
+        return _attend_fused(query, keys, values, block, scaling, head_reduce, per_kv_head, fold, step)
     out = query.new_empty(bsz, q_len, n_q_heads, dim)
     probs, folded = [], None
     for start in range(0, q_len, step):
@@ -291,16 +291,13 @@ def fused_chunk_attention(device: torch.device) -> bool:
 
 
 def _attend_fused(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed, scaling: float, head_reduce: str,
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block, scaling: float, head_reduce: str,
     per_kv_head: bool, fold: torch.Tensor, step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attend` of a long chunk with ``fold`` weights, output by SDPA (see :func:`fused_chunk_attention`)."""
+    """:func:`attend` of a long chunk with ``fold`` weights, output by SDPA (see :func:`fused_chunk_attention`);
+    ``block(start, end)``: the mask of queries ``start..end-1`` (:func:`attend`'s)."""
     n_q_heads, q_len = query.shape[1], query.shape[2]
     n_kv = keys.shape[1]
-
-    def block(start: int, end: int) -> torch.Tensor:
-        return allowed.rows(start, end) if isinstance(allowed, ChunkMask) else allowed[:, :, start:end]
-
     if n_q_heads != n_kv and not SDPA_GQA:
         keys_q = keys.repeat_interleave(n_q_heads // n_kv, dim=1)
         values_q = values.repeat_interleave(n_q_heads // n_kv, dim=1)
@@ -553,9 +550,7 @@ class DenseStorage:
         if reserve and not self._k.requires_grad:
             # the reserve slots pick slot 0 too: each new buffer is one gather, its room filled with a copy (unused)
             picks = torch.nn.functional.pad(idx, (0, reserve))
-        if not self._k.is_contiguous():
-            self._k = self._k.contiguous()
-        shape = self._k.shape
+        shape = self._k.shape  # take_rows makes a buffer contiguous first; the shape is the same
         rows = row_index(picks, shape[0], shape[1], shape[2])
         self._k = take_rows(self._k, picks, rows)
         if self._v is not None:
