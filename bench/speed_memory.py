@@ -97,6 +97,8 @@ import contextlib
 import errno
 import gc
 import json
+import ctypes
+import ctypes.util
 import multiprocessing as mp
 import os
 import re
@@ -146,6 +148,14 @@ MIB = 2**20
 
 #: environment the workers start with under ``--malloc trim``
 MALLOC_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+#: glibc ``mallopt`` parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+#: ``--decode-malloc keep``: the thresholds the decode rate is timed under, glibc's own ceilings for its dynamic ones
+#: on 64-bit (allocations below 32 MiB from the heap, up to 64 MiB of freed memory kept): what a process with default
+#: malloc settings settles into once it has freed a few large blocks, i.e. how a user's process runs
+KEEP_MALLOC = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
+#: decode steps run (untimed) after switching to KEEP_MALLOC, before the timed ones: the heap grows once
+KEEP_WARM_STEPS = 2
 #: added for the workers of the memory-cap search: one malloc arena, so that RLIMIT_AS caps the heap (see the module
 #: docstring)
 FIT_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
@@ -298,6 +308,47 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
+# ----- glibc malloc settings at run time ---------------------------------------------------------------------------
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def set_malloc(params: dict[int, int]) -> bool:
+    """``mallopt`` each ``{parameter: value}``; False where glibc's ``mallopt`` is not available or refuses one."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return all(libc.mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1 for k, v in params.items())
+
+
+def release_free_memory() -> None:
+    """``malloc_trim(0)``: hand freed heap memory back to the OS (glibc only; nothing elsewhere)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(ctypes.c_size_t(0))
+
+
+def trim_params_from_env() -> dict[int, int] | None:
+    """The thresholds this process started with under ``--malloc trim`` (None: not started so)."""
+    if any(os.environ.get(k) != v for k, v in MALLOC_TRIM_ENV.items()):
+        return None
+    return {M_MMAP_THRESHOLD: int(MALLOC_TRIM_ENV["MALLOC_MMAP_THRESHOLD_"]),
+            M_TRIM_THRESHOLD: int(MALLOC_TRIM_ENV["MALLOC_TRIM_THRESHOLD_"])}
+
+
+def timed_steps(model, token: torch.Tensor, cache, kw: str, steps: int) -> tuple[torch.Tensor, float]:
+    """``steps`` greedy decode steps; the next token and the seconds they took."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(token, use_cache=True, **{kw: cache})
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return token, time.perf_counter() - t0
+
+
 # ----- one measurement (inside a worker) -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def plan_applied(model: torch.nn.Module, plan: runtime.Plan | None,
@@ -312,8 +363,14 @@ def plan_applied(model: torch.nn.Module, plan: runtime.Plan | None,
 
 @torch.inference_mode()
 def measure(model, prompt: torch.Tensor, plan: runtime.Plan | None, steps: int, resettable: bool,
-            prefill_chunk_size: int | str | None = AUTO) -> dict[str, Any]:
-    """Prefill ``prompt``, read the cache's bytes, then ``steps`` greedy decode steps; times and peak RSS."""
+            prefill_chunk_size: int | str | None = AUTO, rate_malloc: dict[int, int] | None = None,
+            restore_malloc: dict[int, int] | None = None) -> dict[str, Any]:
+    """Prefill ``prompt``, read the cache's bytes, then ``steps`` greedy decode steps; times and peak RSS.
+
+    ``rate_malloc`` (``mallopt`` parameters): after that (the peak is read), switch malloc to them, run
+    :data:`KEEP_WARM_STEPS` more steps, time ``steps`` more for the decode rate (``tokens_per_s``; the first steps'
+    rate is ``tokens_per_s_peak_phase``), then set ``restore_malloc`` and hand freed memory back to the OS, so that
+    the next measurement's peak starts clean. None: the rate is the first steps'."""
     gc.collect()
     if resettable:
         reset_peak()
@@ -331,19 +388,32 @@ def measure(model, prompt: torch.Tensor, plan: runtime.Plan | None, steps: int, 
         physical = runtime.physical_bytes(cache)
         kept = runtime.kept_lengths(cache)
         t2 = time.perf_counter()
-        for _ in range(steps):
-            out = model(token, use_cache=True, **{kw: cache})
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        t3 = time.perf_counter()
-    peak = peak_rss(resettable)
-    cpu = cpu_seconds() - cpu0
+        token, first_s = timed_steps(model, token, cache, kw, steps)
+        t3 = t2 + first_s
+        peak = peak_rss(resettable)
+        cpu = cpu_seconds() - cpu0
+        rate_s = first_s
+        switched = False
+        if rate_malloc is not None:
+            switched = set_malloc(rate_malloc)
+            try:
+                token, _ = timed_steps(model, token, cache, kw, KEEP_WARM_STEPS)
+                token, rate_s = timed_steps(model, token, cache, kw, steps)
+            finally:
+                if restore_malloc is not None:
+                    set_malloc(restore_malloc)
     stock = runtime.stock_bytes(model.config, length, batch, dtype)
     theoretical = runtime.theoretical_bytes(plan, model.config, length, batch, dtype) if plan is not None else stock
     del out, cache, token
+    if rate_malloc is not None:
+        gc.collect()
+        release_free_memory()
     return {
         "prefill_s": t1 - t0,
-        "decode_s": t3 - t2,
-        "tokens_per_s": batch * steps / (t3 - t2),
+        "decode_s": rate_s,
+        "tokens_per_s": batch * steps / rate_s,
+        "tokens_per_s_peak_phase": batch * steps / first_s,
+        "rate_malloc": "keep" if switched else "as started",
         "physical_bytes": physical,
         "theoretical_bytes": theoretical,
         "stock_bytes": stock,
@@ -389,6 +459,9 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
         measure(model, warm, plan, 2, False, chunk)
         gc.collect()
         ready: dict[str, Any] = {"ready": True, "pid": os.getpid()}
+        rate_malloc = restore = None
+        if spec.get("decode_malloc") == "keep":
+            rate_malloc, restore = KEEP_MALLOC, trim_params_from_env()
         if spec.get("fit_cap"):
             ready.update(cap_address_space(spec["fit_cap"]))
         resettable = reset_peak()
@@ -404,7 +477,7 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
                 conn.send({"ok": True, **probe(model, prompt, plan, msg["steps"], resettable, chunk)})
             else:
                 conn.send({"ok": True, "result": measure(model, prompt, plan, spec["decode_steps"], resettable,
-                                                         chunk)})
+                                                         chunk, rate_malloc, restore)})
             del prompt
     except BaseException:  # noqa: BLE001  (report anything, including KeyboardInterrupt, to the parent)
         try:
@@ -587,7 +660,7 @@ def worker_spec(args, plan_path: str | None, warm: list[list[int]], decode_steps
                 fit_cap: int | None = None) -> dict[str, Any]:
     return {"model": args.model, "plan_path": plan_path, "threads": args.threads, "seed": args.seed,
             "decode_steps": decode_steps, "warm_prompt": warm, "prefill_chunk_size": args.prefill_chunk_size,
-            "fit_cap": fit_cap}
+            "fit_cap": fit_cap, "decode_malloc": None if fit_cap else args.decode_malloc}
 
 
 def summarize_config(cfg: Config, info: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -600,6 +673,8 @@ def summarize_config(cfg: Config, info: dict[str, Any], samples: list[dict[str, 
         "prefill_s": median([s["prefill_s"] for s in samples]),
         "decode_s": median([s["decode_s"] for s in samples]),
         "tokens_per_s": median([s["tokens_per_s"] for s in samples]),
+        "tokens_per_s_peak_phase": median([s.get("tokens_per_s_peak_phase", s["tokens_per_s"]) for s in samples]),
+        "rate_malloc": sorted({s.get("rate_malloc", "as started") for s in samples}),
         "physical_bytes": samples[-1]["physical_bytes"],
         "theoretical_bytes": samples[-1]["theoretical_bytes"],
         "stock_bytes": samples[-1]["stock_bytes"],
@@ -657,6 +732,7 @@ def run_cell(ctx, args, plans, tokens: torch.Tensor, batch: int, context: int, g
             "prefill_vs_stock": p["prefill_s"] / stock["prefill_s"],
             "tokens_per_s_vs_stock": p["tokens_per_s"] / stock["tokens_per_s"],
             "tokens_per_s_vs_limit": p["tokens_per_s"] / lim["tokens_per_s"],
+            "tokens_per_s_vs_limit_peak_phase": p["tokens_per_s_peak_phase"] / lim["tokens_per_s_peak_phase"],
             "peak_rss_vs_stock": p["peak_rss"] / stock["peak_rss"],
             "peak_above_baseline_vs_stock": p["peak_above_baseline"] / stock["peak_above_baseline"]
             if stock["peak_above_baseline"] > 0 else float("nan"),
@@ -892,6 +968,16 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"Allocator: `--malloc {malloc['choice']}` (workers started with {env}; "
                      + ("checked in every worker's /proc/<pid>/environ" if seen else
                         "NOT confirmed in every worker's /proc/<pid>/environ, see the JSON") + ").")
+    decode_malloc = report.get("args", {}).get("decode_malloc")
+    if decode_malloc == "keep":
+        how = sorted({m for c in report["cells"] for cfg in c["configs"].values() for m in cfg.get("rate_malloc", [])})
+        lines.append("Decode rates (`--decode-malloc keep`): timed after the peak is read, in the same worker and "
+                     f"cache, {KEEP_WARM_STEPS} untimed steps after switching glibc malloc (`mallopt`) to keep freed "
+                     "memory (mmap threshold 32 MiB, trim threshold 64 MiB: what a process with default settings "
+                     "settles into), then restored. Under the peak measurement's own settings every allocation above "
+                     "128 KiB is a fresh mapping and page-faults on each decode step; those rates are the "
+                     "`tokens_per_s_peak_phase` entries of the JSON (column \"plan/limit, peak phase\"). "
+                     f"Switched in: {', '.join(how) or 'n/a'}.")
     chunk = report.get("prefill_chunk")
     if chunk:
         sizes = {lab: size for lab, size in chunk["per_plan"].items()}
@@ -1001,13 +1087,15 @@ def render_markdown(report: dict[str, Any], args) -> str:
             for label, r in c["ratios"].items():
                 p = c["configs"][label]
                 lim = c["configs"][f"stock@{r['limit_length']}"]
+                peak_phase = r.get("tokens_per_s_vs_limit_peak_phase")
                 rows.append([c["batch"], ctx_text(c), label, f"{r['keep_ratio']:g}", r["limit_length"],
                              f"{st['prefill_s']:.2f} / {p['prefill_s']:.2f}", f"{r['prefill_vs_stock']:.2f}",
                              f"{st['tokens_per_s']:.1f} / {p['tokens_per_s']:.1f} / {lim['tokens_per_s']:.1f}",
-                             f"**{r['tokens_per_s_vs_stock']:.2f}**", f"{r['tokens_per_s_vs_limit']:.2f}"])
+                             f"**{r['tokens_per_s_vs_stock']:.2f}**", f"{r['tokens_per_s_vs_limit']:.2f}",
+                             "n/a" if peak_phase is None else f"{peak_phase:.2f}"])
         parts.append(md_table(["batch", "context", "plan", "keep", "limit len", "prefill s stock / plan",
                                "prefill plan/stock", "decode tok/s stock / plan / limit", "decode plan/stock",
-                               "decode plan/limit"], rows))
+                               "decode plan/limit", "plan/limit, peak phase"], rows))
         parts += ["", "## Memory (peak process RSS and KV bytes right after the prefill)", ""]
         rows = []
         for c in cells:
@@ -1194,6 +1282,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="glibc malloc of the workers: 'trim' starts them with MALLOC_MMAP_THRESHOLD_=131072 and "
                         "MALLOC_TRIM_THRESHOLD_=131072 (freed memory goes back to the OS), 'default' without either "
                         "(default: %(default)s)")
+    p.add_argument("--decode-malloc", choices=("keep", "same"), default="keep",
+                   help="what the decode rate is timed under: 'keep' times it after the peak is read, with glibc "
+                        "switched (mallopt) to keep freed memory (32 MiB mmap / 64 MiB trim thresholds, as a process "
+                        "with default settings settles into); 'same' times the decode steps of the peak measurement, "
+                        "under --malloc (default: %(default)s)")
     p.add_argument("--fit-cap", type=int, default=None, metavar="MiB",
                    help="also find, for stock and each plan, the largest prompt whose prefill + --fit-decode-steps "
                         "decode steps run under a cap of this many MiB of address space (RLIMIT_AS) above the loaded "

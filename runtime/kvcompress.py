@@ -31,7 +31,6 @@ per-block scores by one batched matmul, a segmented softmax (max and sum reduced
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -222,6 +221,41 @@ class RaggedStorage:
             self._derived["readout"] = (safe, pad, flat)
         return self._derived["readout"]
 
+    def readout_split(self, topn: int, n_tail: int) -> tuple | None:
+        """KCache's top-N readout, which segments need a selection: those holding more than ``topn`` tokens, body
+        plus a dense tail of ``n_tail``; a segment holding at most ``topn`` reads every row, exactly.
+
+        Returns None when no segment holds more (the step reads everything); otherwise ``(over, safe, pad, flat,
+        under_blocks, under_rows, under_seg, under_tokens)``: ``over`` int64 ``[S_o]`` the segments that select
+        (None when all of them do: the maps are then whole and the ``under_*`` entries None / 0), ``safe`` / ``pad``
+        / ``flat`` their rows of :meth:`readout_maps` (``[S_o, W]``, ``[S_o, W * block]``), ``under_blocks`` int64
+        ``[N_u]`` the blocks of the other segments, ``under_rows`` int64 ``[N_u * block]`` those blocks' slots
+        flattened, ``under_seg`` int64 ``[N_u]`` their segments, ``under_tokens`` the tokens the other segments hold
+        (body and tail, an int). Computed once per layout and tail length, on the host (one synchronisation per
+        layout)."""
+        key = ("split", topn, n_tail)
+        if key not in self._derived:
+            if "lengths" not in self._derived:
+                self._derived["lengths"] = self.lengths.tolist()
+            lengths = self._derived["lengths"]
+            over = [s for s, held in enumerate(lengths) if held + n_tail > topn]
+            safe, pad, flat = self.readout_maps() if over else (None, None, None)
+            if not over:
+                split = None
+            elif len(over) == len(lengths):
+                split = (None, safe, pad, flat, None, None, None, 0)
+            else:
+                device = self.lengths.device
+                over_idx = torch.tensor(over, dtype=torch.int64, device=device)
+                is_over = torch.zeros(len(lengths), dtype=torch.bool, device=device).index_fill_(0, over_idx, True)
+                under_blocks = torch.nonzero(~is_over.index_select(0, self.block_seg)).view(-1)
+                under_rows = (under_blocks[:, None] * self.block + torch.arange(self.block, device=device)).view(-1)
+                under_tokens = sum(lengths) - sum(lengths[s] for s in over) + (len(lengths) - len(over)) * n_tail
+                split = (over_idx, take(safe, over_idx), take(pad, over_idx), take(flat, over_idx), under_blocks,
+                         under_rows, self.block_seg.index_select(0, under_blocks), under_tokens)
+            self._derived[key] = split
+        return self._derived[key]
+
     def block_table(self) -> torch.Tensor:
         """int64 ``[S, max blocks]``: each segment's blocks in order, ``-1`` past its last (KCache's top-N readout)."""
         if self._table is None:
@@ -401,9 +435,11 @@ def _ragged_attend(
     inv = 1.0 / denom.clamp_(min=torch.finfo(work).tiny)  # [S, GQ]
     store = body.store
     held_rows = body.keys.shape[0] * body.block + segs * n_tail
-    if store is not None and 0 < topn and q_len == 1 and decode and (
-            topn < body.block_table().shape[1] * body.block + n_tail):
-        result = _topn_readout(exp_b, exp_t, inv, body, tail_values, tail_allowed, topn, work, estimator)
+    split = None
+    if store is not None and 0 < topn and q_len == 1 and decode:
+        split = body.readout_split(topn, n_tail)
+    if split is not None:
+        result = _topn_readout(exp_b, exp_t, inv, body, tail_values, tail_allowed, topn, work, estimator, split)
         result = result.to(query.dtype)
     else:
         body_values = body.values
@@ -443,12 +479,14 @@ def _put_tail_rows(values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, 
 
 def _topn_readout(
     exp_b: torch.Tensor, exp_t: torch.Tensor, inv: torch.Tensor, body: RaggedStorage, tail_values: torch.Tensor,
-    tail_allowed: torch.Tensor | None, topn: int, work: torch.dtype, estimator: str = "residual_mean",
+    tail_allowed: torch.Tensor | None, topn: int, work: torch.dtype, estimator: str, split: tuple,
 ) -> torch.Tensor:
-    """KCache over ragged storage: per segment, the ``topn`` slots (body and tail) of largest probability summed over
-    the segment's query heads; one gather of their value rows from the store; the output estimated from them
-    (``runtime.kcache.estimate``: ``residual_mean`` with the store's per-segment value sums plus the tail's, or
-    ``renormalise``).
+    """KCache over ragged storage: a segment that holds at most ``topn`` tokens reads all its value rows (exact); each
+    other segment (``split``: :meth:`RaggedStorage.readout_split`) reads the ``topn`` slots (body and tail) of largest
+    probability summed over its query heads, in one gather from the store for all of them, its output estimated from
+    them (``runtime.kcache.estimate``: ``residual_mean`` with the store's per-segment value sums plus the tail's, or
+    ``renormalise``). Per segment, the rows read are the ``min(topn, held)`` a padded selection over every segment
+    would take, without reading (or multiplying) the padding of the narrow segments up to ``topn``.
 
     Args:
         exp_b: ``[N, GQ, block]`` / exp_t: ``[S, GQ, n]``: unnormalised probabilities (``exp(logit - max)``, 0 for
@@ -459,41 +497,73 @@ def _topn_readout(
     Returns:
         ``[S, GQ, d]`` in ``work`` dtype.
     """
+    over, safe, pad, flat, under_blocks, under_rows, under_seg, under_tokens = split
     n_blocks, gq, blk = exp_b.shape
     segs, _, n_tail = exp_t.shape
-    seg = body.block_seg
-    safe, pad, flat = body.readout_maps()  # [S, W], [S, W * blk], [S, W * blk]
-    n_body = n_blocks * blk
-    score_b = torch.bmm(take(inv, seg)[:, None, :], exp_b)[:, 0]  # [N, blk]: summed probability of each body slot
-    score_t = torch.bmm(inv[:, None, :], exp_t)[:, 0]  # [S, n]
-    cand = torch.cat([take(score_b, safe).view(segs, -1).masked_fill_(pad, -1.0), score_t], dim=1)  # -1: padding
-    sel = top_slots(cand, topn)  # [S, k]
-    real = cand.gather(1, sel) >= 0
-    # each candidate's row among the body's flattened slots followed by the tail's ([S * n]), then the selected ones
-    tail_ids = torch.arange(n_body, n_body + segs * n_tail, device=sel.device).view(segs, n_tail)
-    ids = torch.cat([flat, tail_ids], dim=1).gather(1, sel)  # [S, k]
-    exp_rows = torch.cat([exp_b.transpose(1, 2).reshape(n_body, gq), exp_t.transpose(1, 2).reshape(segs * n_tail, gq)])
-    weights = take(exp_rows, ids)  # [S, k, GQ]
+    n_over = segs if over is None else over.shape[0]
     tail = tail_values.to(work).reshape(segs, n_tail, -1)
     dim = tail.shape[-1]
+    out = None
+    if over is not None:  # the segments that hold at most topn tokens: every row, exactly
+        out = torch.bmm(exp_t, tail)  # [S, GQ, d]
+        if under_blocks.numel():
+            rows = body.store.fetch(body.values, under_rows).to(work).view(-1, blk, dim)  # [N_u, blk, d]
+            out.index_add_(0, under_seg, torch.bmm(exp_b.index_select(0, under_blocks), rows))
+        out.mul_(inv[:, :, None])
+    estimated = _select_and_estimate(exp_b, exp_t, inv, body, tail, tail_allowed, topn, work, estimator, over, safe,
+                                     pad, flat)
+    body.store.count(n_over * topn + under_tokens, n_blocks * blk + segs * n_tail)
+    if out is None:
+        return estimated
+    return out.index_copy_(0, over, estimated)
+
+
+def _select_and_estimate(
+    exp_b: torch.Tensor, exp_t: torch.Tensor, inv: torch.Tensor, body: RaggedStorage, tail: torch.Tensor,
+    tail_allowed: torch.Tensor | None, topn: int, work: torch.dtype, estimator: str, over: torch.Tensor,
+    safe: torch.Tensor, pad: torch.Tensor, flat: torch.Tensor,
+) -> torch.Tensor:
+    """The top-N part of :func:`_topn_readout` for segments ``over`` (int64 ``[S_o]``, None: all), each holding
+    more than ``topn`` tokens; ``tail`` ``[S, n, d]`` in ``work`` dtype. Returns ``[S_o, GQ, d]``."""
+    n_blocks, gq, blk = exp_b.shape
+    segs, _, n_tail = exp_t.shape
+    n_over = segs if over is None else over.shape[0]
+    dim = tail.shape[-1]
+    n_body = n_blocks * blk
+
+    def subset(x: torch.Tensor) -> torch.Tensor:
+        return x if over is None else x.index_select(0, over)
+
+    inv_o = subset(inv)  # [S_o, GQ]
+    exp_t_o = subset(exp_t)  # [S_o, GQ, n]
+    score_b = torch.bmm(take(inv, body.block_seg)[:, None, :], exp_b)[:, 0]  # [N, blk]: summed probability per slot
+    score_t = torch.bmm(inv_o[:, None, :], exp_t_o)[:, 0]  # [S_o, n]
+    cand = torch.cat([take(score_b, safe).view(n_over, -1).masked_fill_(pad, -1.0), score_t], dim=1)  # -1: padding
+    sel = top_slots(cand, topn)  # [S_o, k]
+    real = cand.gather(1, sel) >= 0
+    # each candidate's row among the body's flattened slots followed by the tail's ([S * n]), then the selected ones
+    tail_ids = subset(torch.arange(n_body, n_body + segs * n_tail, device=sel.device).view(segs, n_tail))  # [S_o, n]
+    ids = torch.cat([flat, tail_ids], dim=1).gather(1, sel)  # [S_o, k]
+    exp_rows = torch.cat([exp_b.transpose(1, 2).reshape(n_body, gq), exp_t.transpose(1, 2).reshape(segs * n_tail, gq)])
+    weights = take(exp_rows, ids)  # [S_o, k, GQ]
     if not n_body:
-        values = tail.reshape(segs * n_tail, dim).index_select(0, ids.view(-1)).view(segs, topn, dim)
+        values = tail.reshape(segs * n_tail, dim).index_select(0, ids.view(-1)).view(n_over, topn, dim)
     else:  # the only value rows read from the store
-        values = body.store.fetch(body.values, ids.clamp(max=n_body - 1)).to(work)  # [S, k, d]
+        values = body.store.fetch(body.values, ids.clamp(max=n_body - 1)).to(work)  # [S_o, k, d]
         if n_tail:
             _put_tail_rows(values, ids, tail.reshape(segs * n_tail, dim), n_body, min(n_tail, topn))
     weights = weights * real[..., None]
-    body.store.count(segs * topn, n_blocks * blk + segs * n_tail)
-    weights = weights.transpose(1, 2) * inv[:, :, None]  # [S, GQ, k]: exact probabilities of the selected slots
+    weights = weights.transpose(1, 2) * inv_o[:, :, None]  # [S_o, GQ, k]: exact probabilities of the selected slots
     if estimator != "residual_mean":
         return estimate(weights, values, None, None)
-    n_kv = segs // tail_values.shape[0]
+    tail_o = subset(tail)  # [S_o, n, d]
     if tail_allowed is None:
-        tail_real = torch.ones(segs, n_tail, dtype=torch.bool, device=tail.device)
+        tail_real = torch.ones(n_over, n_tail, dtype=torch.bool, device=tail.device)
     else:
-        tail_real = tail_allowed[:, -1, None, :].expand(-1, n_kv, n_tail).reshape(segs, n_tail)
-    sums = body.store.sums + (tail * tail_real[..., None]).sum(dim=1, dtype=torch.float32)  # [S, d]
-    count = body.lengths + tail_real.sum(dim=-1)  # [S]
+        n_kv = segs // tail_allowed.shape[0]
+        tail_real = subset(tail_allowed[:, -1, None, :].expand(-1, n_kv, n_tail).reshape(segs, n_tail))
+    sums = subset(body.store.sums) + (tail_o * tail_real[..., None]).sum(dim=1, dtype=torch.float32)  # [S_o, d]
+    count = subset(body.lengths) + tail_real.sum(dim=-1)  # [S_o]
     return estimate(weights, values, sums, count)
 
 

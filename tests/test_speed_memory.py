@@ -215,6 +215,28 @@ def test_fit_worker_on_a_tiny_model(tiny_dir):
     assert "allocate" in failure["error"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_decode_rate_is_timed_after_switching_malloc(tiny_dir):
+    """A cell worker started under --malloc trim: the peak phase's decode steps, then (--decode-malloc keep) malloc
+    switched to keep freed memory for the timed steps, and back; two measurements in a row both switch."""
+    args = argparse.Namespace(model=str(tiny_dir), threads=1, seed=0, prefill_chunk_size="auto", decode_malloc="keep")
+    warm = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    with sm.worker_malloc_env("trim"):
+        worker = sm.Worker(mp.get_context("spawn"), sm.worker_spec(args, None, warm, 3), "stock")
+    try:
+        info = worker.wait_ready()
+        assert info["malloc_env"] == sm.MALLOC_TRIM_ENV
+        prompt = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+        results = [worker.run(prompt), worker.run(prompt)]
+    finally:
+        worker.close()
+    for r in results:
+        assert r["rate_malloc"] == "keep"
+        assert r["tokens_per_s"] == pytest.approx(2 * 3 / r["decode_s"])
+        assert r["tokens_per_s_peak_phase"] > 0
+    assert sm.worker_spec(args, None, warm, 3, fit_cap=8)["decode_malloc"] is None  # the cap search never switches
+
+
 # ----- the report ----------------------------------------------------------------------------------------------------
 def fake_cell(batch: int, context: int, max_positions: int, plan_peak: float) -> dict:
     def config(kind, length, peak_above, tps):
