@@ -94,11 +94,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import gc
 import json
-import ctypes
-import ctypes.util
 import multiprocessing as mp
 import os
 import re
@@ -400,8 +400,8 @@ def measure(model, prompt: torch.Tensor, plan: runtime.Plan | None, steps: int, 
                 token, _ = timed_steps(model, token, cache, kw, KEEP_WARM_STEPS)
                 token, rate_s = timed_steps(model, token, cache, kw, steps)
             finally:
-                if restore_malloc is not None:
-                    set_malloc(restore_malloc)
+                if restore_malloc is not None:  # a worker started under default malloc keeps KEEP_MALLOC (its own
+                    set_malloc(restore_malloc)  # dynamic thresholds cannot be set back; they rise to the same ceiling)
     stock = runtime.stock_bytes(model.config, length, batch, dtype)
     theoretical = runtime.theoretical_bytes(plan, model.config, length, batch, dtype) if plan is not None else stock
     del out, cache, token

@@ -447,9 +447,8 @@ def _ragged_attend(
             if count:
                 store.count(held_rows, held_rows)
             body_values = store.to_model(body_values)
-        out = torch.bmm(exp_t, tail_values.to(work).reshape(segs, n_tail, dim))
-        out = out.index_add_(0, seg, torch.bmm(exp_b, body_values.to(work)))
-        result = (out * inv[:, :, None]).to(query.dtype)  # [S, GQ, d]
+        tail = tail_values.to(work).reshape(segs, n_tail, dim)
+        result = _weighted_sum(exp_t, tail, exp_b, body_values.to(work), seg, inv).to(query.dtype)  # [S, GQ, d]
     result = result.view(bsz, n_q_heads, q_len, dim).transpose(1, 2).contiguous()
     # votes: sum over the group's query heads (and queries) of p (l1) or p**2 (l2), p = exp / denom
     if metric == "l2":
@@ -460,6 +459,16 @@ def _ragged_attend(
     votes_b = torch.bmm(take(weight, seg)[:, None, :], exp_b)[:, 0]  # [N, blk]
     votes_t = torch.bmm(weight[:, None, :], exp_t)[:, 0].view(bsz, n_kv, n_tail)
     return result, votes_b.float(), votes_t.float()
+
+
+def _weighted_sum(exp_t: torch.Tensor, tail: torch.Tensor, exp_b: torch.Tensor, body_values: torch.Tensor,
+                  block_seg: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Exact attention output ``[S, GQ, d]`` from every row read: tail ``exp_t`` ``[S, GQ, n]`` x ``tail``
+    ``[S, n, d]``, plus body blocks ``exp_b`` ``[N', GQ, block]`` x ``body_values`` ``[N', block, d]`` summed into
+    their segments ``block_seg`` ``[N']``, normalised by ``inv`` ``[S, GQ]``."""
+    out = torch.bmm(exp_t, tail)
+    out.index_add_(0, block_seg, torch.bmm(exp_b, body_values))
+    return out.mul_(inv[:, :, None])
 
 
 def _put_tail_rows(values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor, n_body: int, most: int) -> None:
@@ -505,11 +514,8 @@ def _topn_readout(
     dim = tail.shape[-1]
     out = None
     if over is not None:  # the segments that hold at most topn tokens: every row, exactly
-        out = torch.bmm(exp_t, tail)  # [S, GQ, d]
-        if under_blocks.numel():
-            rows = body.store.fetch(body.values, under_rows).to(work).view(-1, blk, dim)  # [N_u, blk, d]
-            out.index_add_(0, under_seg, torch.bmm(exp_b.index_select(0, under_blocks), rows))
-        out.mul_(inv[:, :, None])
+        rows = body.store.fetch(body.values, under_rows).to(work).view(-1, blk, dim)  # [N_u, blk, d]
+        out = _weighted_sum(exp_t, tail, exp_b.index_select(0, under_blocks), rows, under_seg, inv)
     estimated = _select_and_estimate(exp_b, exp_t, inv, body, tail, tail_allowed, topn, work, estimator, over, safe,
                                      pad, flat)
     body.store.count(n_over * topn + under_tokens, n_blocks * blk + segs * n_tail)
